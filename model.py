@@ -16,11 +16,14 @@ of the loading code is an identity map plus a handful of reshapes.
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from losses import IGNORE_INDEX, caption_loss
 
 # -----------------------------------------------------------------------------
 # 1. Configs and presets
@@ -65,13 +68,16 @@ class QFormerConfig:
     heads: int = 12
     intermediate: int = 3072
     max_positions: int = 512
-    type_vocab_size: int = 2  # only for loading BERT; token types are not used
     encoder_width: int = 1408  # memory width the cross-attention reads
     cross_attention_freq: int = 2
     num_query_tokens: int = 64
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1
     proj_dim: int = 256  # vision_proj / text_proj of BLIP-2's optional heads
+    # special tokens; bert-base-cased's ids by default, set from the tokenizer otherwise
+    pad_token_id: int = 0
+    sep_token_id: int = 102
+    bos_token_id: int = 28996  # [DEC], appended after BERT's 28,996 rows
 
 
 @dataclass
@@ -97,7 +103,8 @@ def full_config(vocab_size=28997):
 
 def tiny_config(vocab_size=1000):
     """Same code at sizes where a batch-8 training step takes well under a second on a
-    2-core CPU. The vocabulary is normally set from the tokenizer trained on the captions."""
+    2-core CPU. The vocabulary and special ids are normally set from the tokenizer trained on
+    the captions (`Tokenizer.configure`); the defaults are that tokenizer's special ids."""
     return UniQ4CapConfig(
         video=VisionConfig(image_size=(32, 32), patch_size=8, width=64, layers=2, heads=4,
                            mlp_dim=256, num_frames=4, temporal=True, patch_dropout=0.5,
@@ -106,7 +113,8 @@ def tiny_config(vocab_size=1000):
                            mlp_dim=256, num_frames=1, temporal=False, embed_dim=64),
         qformer=QFormerConfig(vocab_size=vocab_size, hidden=64, layers=2, heads=4,
                               intermediate=256, max_positions=64, encoder_width=96,
-                              num_query_tokens=8, proj_dim=32),
+                              num_query_tokens=8, proj_dim=32,
+                              pad_token_id=0, sep_token_id=3, bos_token_id=5),
     )
 
 
@@ -122,3 +130,945 @@ def config_from_dict(d):
     audio["image_size"] = tuple(audio["image_size"])
     return UniQ4CapConfig(video=VisionConfig(**video), audio=VisionConfig(**audio),
                           qformer=QFormerConfig(**d.pop("qformer")), **d)
+
+# -----------------------------------------------------------------------------
+# 2. Attention: one function, two implementations
+
+
+def attention(q, k, v, mask=None, dropout_p=0.0, impl="sdpa"):
+    """q (B, H, Tq, d), k and v (B, H, Tk, d); mask: bool, broadcastable to (B, H, Tq, Tk),
+    True where a query may attend to a key. Returns (B, H, Tq, d).
+
+    "sdpa" hands the work to PyTorch's fused kernels. "plain" is the same computation
+    written out, kept as the readable reference and as the test oracle."""
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, H, Tq, Tk)
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    att = F.softmax(att, dim=-1)
+    if dropout_p > 0.0:
+        att = F.dropout(att, p=dropout_p)
+    return att @ v
+
+
+def split_heads(x, heads):
+    B, T, C = x.shape
+    return x.view(B, T, heads, C // heads).transpose(1, 2)  # (B, T, C) -> (B, H, T, C/H)
+
+
+def merge_heads(x):
+    B, H, T, d = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * d)  # (B, H, T, d) -> (B, T, H*d)
+
+
+def set_attention_impl(model, impl):
+    """Switch every attention module in `model` to "sdpa" or "plain"."""
+    assert impl in ("sdpa", "plain"), impl
+    for m in model.modules():
+        if hasattr(m, "attn_impl"):
+            m.attn_impl = impl
+
+
+# -----------------------------------------------------------------------------
+# 3. The CLIP ViT encoders (DESIGN.md section 2)
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+        self.attn_impl = "sdpa"
+
+    def forward(self, x):
+        q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(merge_heads(attention(q, k, v, impl=self.attn_impl)))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, width, mlp_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(width, mlp_dim)
+        self.fc2 = nn.Linear(mlp_dim, width)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact GELU ("gelu", not quick-gelu)
+
+
+class CLIPLayer(nn.Module):
+    """Pre-LN block. The video variant first mixes each spatial position across frames."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        if cfg.temporal:
+            self.temporal_embedding = nn.Parameter(torch.zeros(1, cfg.num_frames, cfg.width))
+            self.temporal_layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+            self.temporal_attn = CLIPAttention(cfg.width, cfg.heads)
+        self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(cfg.width, cfg.heads)
+        self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg.width, cfg.mlp_dim)
+        self.temporal = cfg.temporal
+
+    def forward(self, x, num_frames):
+        if self.temporal:
+            BT, N, D = x.shape
+            # (B*T, N, D) -> (B*N, T, D): attention runs over the frames of each position
+            x = x.view(BT // num_frames, num_frames, N, D).transpose(1, 2).reshape(-1, num_frames, D)
+            # the temporal embedding is added to the residual stream itself, as in LanguageBind
+            x = x + self.temporal_embedding[:, :num_frames]
+            x = x + self.temporal_attn(self.temporal_layer_norm1(x))
+            # (B*N, T, D) -> (B*T, N, D)
+            x = x.view(BT // num_frames, N, num_frames, D).transpose(1, 2).reshape(BT, N, D)
+        x = x + self.self_attn(self.layer_norm1(x))
+        x = x + self.mlp(self.layer_norm2(x))
+        return x
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList([CLIPLayer(cfg) for _ in range(cfg.layers)])
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        p = cfg.patch_size
+        if cfg.temporal:
+            # the authors' "vl_new" video variant: a Conv3d with tube size 1 and one class
+            # vector per frame (LanguageBind's HF files hold the Conv2d form; see the loader)
+            self.patch_embedding = nn.Conv3d(cfg.num_channels, cfg.width, (1, p, p), (1, p, p), bias=False)
+            self.class_embedding = nn.Parameter(torch.zeros(cfg.num_frames, cfg.width))
+        else:
+            self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.width, p, p, bias=False)
+            self.class_embedding = nn.Parameter(torch.zeros(cfg.width))
+        self.position_embedding = nn.Embedding(cfg.tokens_per_frame, cfg.width)
+
+
+class VisionTransformer(nn.Module):
+    """CLIP ViT-L/14 in LanguageBind's flavour. Video input (B, 3, T, H, W); audio input, the
+    3-chunk spectrogram image, (B, 3, mel, time). Returns
+      hidden: (B, T*N, D) the last hidden state before post_layernorm (what the captioner reads),
+      frame_embeds: (B, T, D) post_layernorm class token of each frame (T = 1 for audio).
+    The pooled clip embedding that stage 1 aligns is frame_embeds.mean(1)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)  # sic, official name
+        self.encoder = CLIPEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        # stage 1's projection into the shared space (LanguageBind's `visual_projection`)
+        self.visual_projection = nn.Linear(cfg.width, cfg.embed_dim, bias=False)
+        self.patch_dropout = False  # switched on deliberately by the owner (see UniQ4Cap.train)
+
+    def forward(self, pixels):
+        cfg, emb = self.cfg, self.embeddings
+        if cfg.temporal:
+            B, _, T = pixels.shape[:3]
+            x = emb.patch_embedding(pixels)  # (B, D, T, gh, gw)
+            x = x.flatten(3).permute(0, 2, 3, 1).reshape(B * T, -1, cfg.width)  # -> (B*T, N, D)
+            cls = emb.class_embedding.repeat(B, 1)[:, None]  # (B*T, 1, D): frame t gets its own
+        else:
+            B, T = pixels.shape[0], 1
+            x = emb.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, N, D)
+            cls = emb.class_embedding.expand(B, 1, -1)  # (B, 1, D)
+        x = torch.cat([cls.to(x.dtype), x], dim=1) + emb.position_embedding.weight  # (B*T, 1+N, D)
+        if self.patch_dropout and self.training and cfg.patch_dropout > 0:
+            x = self.drop_patches(x, B, T)
+        x = self.pre_layrnorm(x)
+        for layer in self.encoder.layers:
+            x = layer(x, T)
+        frame_embeds = self.post_layernorm(x[:, 0]).view(B, T, -1)  # (B*T, D) -> (B, T, D)
+        hidden = x.reshape(B, -1, x.size(-1))  # (B*T, N', D) -> (B, T*N', D)
+        return hidden, frame_embeds
+
+    def drop_patches(self, x, B, T):
+        """Keep a random subset of patch tokens (the class token always stays), with the same
+        kept positions in every frame of a video so temporal attention still lines up."""
+        BT, N1, D = x.shape
+        N = N1 - 1
+        keep = max(1, int(N * (1.0 - self.cfg.patch_dropout)))
+        idx = torch.rand(B, N, device=x.device).argsort(dim=1)[:, :keep] + 1  # (B, keep)
+        idx = torch.cat([torch.zeros_like(idx[:, :1]), idx], dim=1)  # class token at 0
+        idx = idx.repeat_interleave(T, dim=0)[:, :, None].expand(-1, -1, D)  # (B*T, 1+keep, D)
+        return x.gather(1, idx)
+
+
+# -----------------------------------------------------------------------------
+# 4. The Q-Former (BLIP-2 style, post-LN BERT; DESIGN.md section 3)
+
+
+class BertAttentionHeads(nn.Module):
+    """Projections of one BERT attention; `key`/`value` read `kv_width` inputs (the memory
+    width for cross-attention)."""
+
+    def __init__(self, cfg: QFormerConfig, kv_width):
+        super().__init__()
+        self.query = nn.Linear(cfg.hidden, cfg.hidden)
+        self.key = nn.Linear(kv_width, cfg.hidden)
+        self.value = nn.Linear(kv_width, cfg.hidden)
+
+
+class BertAddNorm(nn.Module):
+    """Post-LN: LayerNorm(residual + dropout(dense(x)))."""
+
+    def __init__(self, d_in, d_out, cfg: QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(d_in, d_out)
+        self.LayerNorm = nn.LayerNorm(d_out, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, residual):
+        return self.LayerNorm(residual + self.dropout(self.dense(x)))
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg: QFormerConfig, kv_width):
+        super().__init__()
+        self.self = BertAttentionHeads(cfg, kv_width)  # named `self` after the checkpoints
+        self.output = BertAddNorm(cfg.hidden, cfg.hidden, cfg)
+        self.heads = cfg.heads
+        self.dropout = cfg.dropout
+        self.attn_impl = "sdpa"
+
+    def forward(self, x, kv_input=None, mask=None, past_kv=None):
+        """x (B, T, C) attends to kv_input (default x itself), after `past_kv` keys/values
+        (B, H, P, d) that were computed earlier (the cached queries, then earlier text).
+        Returns the block's output and the keys/values including the past, for caching."""
+        kv_input = x if kv_input is None else kv_input
+        h = self.self
+        q = split_heads(h.query(x), self.heads)
+        k = split_heads(h.key(kv_input), self.heads)
+        v = split_heads(h.value(kv_input), self.heads)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0], k], dim=2)  # (B, H, P+T, d)
+            v = torch.cat([past_kv[1], v], dim=2)
+        y = attention(q, k, v, mask, self.dropout if self.training else 0.0, self.attn_impl)
+        return self.output(merge_heads(y), x), (k, v)
+
+
+class BertIntermediate(nn.Module):
+    """The FFN's first Linear, wrapped so its keys read `intermediate.dense.*` as in BERT."""
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden, cfg.intermediate)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    """Self-attention shared by queries and text; cross-attention to the memory for the
+    queries only; separate FFNs for queries (`*_query`) and text."""
+
+    def __init__(self, cfg: QFormerConfig, has_cross):
+        super().__init__()
+        self.attention = BertAttention(cfg, cfg.hidden)
+        if has_cross:
+            self.crossattention = BertAttention(cfg, cfg.encoder_width)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertAddNorm(cfg.intermediate, cfg.hidden, cfg)
+        self.intermediate_query = BertIntermediate(cfg)
+        self.output_query = BertAddNorm(cfg.intermediate, cfg.hidden, cfg)
+        self.has_cross = has_cross
+
+    def forward_queries(self, x, memory, memory_mask):
+        x, kv = self.attention(x)  # queries see every query and no text
+        if self.has_cross:
+            x, _ = self.crossattention(x, memory, memory_mask)
+        x = self.output_query(self.intermediate_query(x), x)
+        return x, kv
+
+    def forward_text(self, x, past_kv, mask):
+        x, kv = self.attention(x, mask=mask, past_kv=past_kv)
+        x = self.output(self.intermediate(x), x)
+        return x, kv
+
+
+class BertEmbeddings(nn.Module):
+    """Word + position embeddings for text; queries skip both but share the LayerNorm.
+    (BLIP-2's Q-Former has no token-type embeddings.)"""
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.hidden)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids=None, queries=None, start=0):
+        if queries is not None:
+            x = queries
+        else:
+            pos = torch.arange(start, start + input_ids.size(1), device=input_ids.device)
+            x = self.word_embeddings(input_ids) + self.position_embeddings(pos)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer(cfg, i % cfg.cross_attention_freq == 0)
+                                    for i in range(cfg.layers)])
+
+
+class BertModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoder(cfg)
+
+
+class LMTransform(nn.Module):
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden, cfg.hidden)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+
+    def forward(self, x):
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class LMPredictions(nn.Module):
+    """BERT's LM head: transform, then a decoder whose weight is the word-embedding table,
+    plus its own output bias."""
+
+    def __init__(self, cfg: QFormerConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.transform = LMTransform(cfg)
+        self.decoder = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.decoder.weight = word_embeddings.weight  # tied
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, x):
+        return self.decoder(self.transform(x)) + self.bias
+
+
+class LMHead(nn.Module):
+    def __init__(self, cfg, word_embeddings):
+        super().__init__()
+        self.predictions = LMPredictions(cfg, word_embeddings)
+
+
+class QFormer(nn.Module):
+    """The transformer with two entry points:
+      encode_queries: learned queries read the memory; every layer's self-attention keys and
+        values of the queries are returned so the text never has to recompute them;
+      decode_text: text tokens attend to all cached queries and to earlier text, and the LM
+        head predicts the next word."""
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.bert = BertModel(cfg)
+        self.cls = LMHead(cfg, self.bert.embeddings.word_embeddings)
+
+    def encode_queries(self, queries, memory, memory_mask=None):
+        """queries (B, Q, C); memory (B, M, W); memory_mask (B, M) bool, True = present.
+        Returns query outputs (B, Q, C) and per-layer (k, v), each (B, H, Q, d)."""
+        x = self.bert.embeddings(queries=queries)
+        mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, M)
+        cache = []
+        for layer in self.bert.encoder.layer:
+            x, kv = layer.forward_queries(x, memory, mask)
+            cache.append(kv)
+        return x, cache
+
+    def decode_text(self, input_ids, cache, text_mask=None):
+        """input_ids (B, T) are the text tokens after those already in `cache`. `cache` holds,
+        per layer, (k, v) of the Q queries followed by P earlier text tokens. text_mask (B, P+T)
+        marks real (non-padding) text tokens. Returns logits (B, T, V) and the grown cache."""
+        B, T = input_ids.shape
+        Q = self.cfg.num_query_tokens
+        P = cache[0][0].size(2) - Q  # earlier text tokens already cached
+        x = self.bert.embeddings(input_ids, start=P)
+        mask = None
+        if T > 1 or text_mask is not None:
+            # text sees all queries, itself and earlier text, never later text or padding
+            causal = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
+            mask = causal[None, None]  # (1, 1, T, P+T)
+            if text_mask is not None:
+                mask = mask & text_mask[:, None, None, :].bool()  # (B, 1, T, P+T)
+            queries_visible = torch.ones(*mask.shape[:3], Q, dtype=torch.bool, device=x.device)
+            mask = torch.cat([queries_visible, mask], dim=-1)  # (B|1, 1, T, Q+P+T)
+        new_cache = []
+        for layer, past in zip(self.bert.encoder.layer, cache):
+            x, kv = layer.forward_text(x, past, mask)
+            new_cache.append(kv)
+        return self.cls.predictions(x), new_cache
+
+
+class LayerNormFp32(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype (the encoders may run in bf16)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# 5. The captioner
+
+
+class UniQ4Cap(nn.Module):
+    """Video and audio encoders -> per-modality LayerNorm + projection -> one memory ->
+    Q-Former queries -> caption. Module names match the authors' stage-2 checkpoint."""
+
+    def __init__(self, cfg: UniQ4CapConfig, freeze_encoders=True):
+        super().__init__()
+        self.cfg = cfg
+        q = cfg.qformer
+        self.video_encoder = VisionTransformer(cfg.video)
+        self.audio_encoder = VisionTransformer(cfg.audio)
+        self.ln_video = LayerNormFp32(cfg.video.width)
+        self.ln_audio = LayerNormFp32(cfg.audio.width)
+        self.video_project = nn.Linear(cfg.video.width, q.encoder_width)
+        self.audio_project = nn.Linear(cfg.audio.width, q.encoder_width)
+        self.Qformer = QFormer(q)
+        self.query_tokens = nn.Parameter(torch.zeros(1, q.num_query_tokens, q.hidden))
+        # BLIP-2's optional retrieval / matching heads: present so checkpoints load, not used
+        # by the captioning loss (as in the authors' final code)
+        self.vision_proj = nn.Linear(q.hidden, q.proj_dim)
+        self.text_proj = nn.Linear(q.hidden, q.proj_dim)
+        self.itm_head = nn.Linear(q.hidden, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.apply(self._init_weights)
+        nn.init.normal_(self.query_tokens, std=0.02)
+        self.freeze_encoders = freeze_encoders
+        if freeze_encoders:
+            for p in self.encoder_parameters():
+                p.requires_grad_(False)
+        self.video_encoder.patch_dropout = cfg.frozen_patch_dropout or not freeze_encoders
+        self.train()
+
+    @staticmethod
+    def _init_weights(m):
+        # BERT's initialisation; the pretrained loaders overwrite what they cover
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, CLIPEmbeddings):
+            nn.init.normal_(m.class_embedding, std=0.02)
+
+    def encoder_parameters(self):
+        return [*self.video_encoder.parameters(), *self.audio_encoder.parameters()]
+
+    def train(self, mode=True):
+        """Frozen encoders stay in eval mode: the Q-Former trains, the encoders only read.
+        (The original left them in training mode, so video patch dropout stayed on
+        silently; here that takes `cfg.frozen_patch_dropout`.)"""
+        super().train(mode)
+        if self.freeze_encoders:
+            self.audio_encoder.eval()
+            self.video_encoder.train(mode and self.cfg.frozen_patch_dropout)
+        return self
+
+    def num_params(self, trainable_only=False):
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # -- the memory the queries read ------------------------------------------------------
+
+    def encode(self, video=None, audio=None):
+        """Run the encoders: video (B, 3, T, H, W), audio (B, 3, mel, time), either may be None.
+        Returns (video_tokens (B, Nv, 1024) or None, audio_tokens (B, Na, 1024) or None); these
+        are what a frozen-feature cache stores."""
+        grad = torch.is_grad_enabled() and not self.freeze_encoders
+        with torch.set_grad_enabled(grad):
+            v = self.video_encoder(video)[0] if video is not None else None
+            a = self.audio_encoder(audio)[0] if audio is not None else None
+        return v, a
+
+    def memory(self, video_tokens=None, audio_tokens=None, video_mask=None, audio_mask=None):
+        """Concatenate projected video and audio tokens along the token axis. A clip whose
+        video (or audio) is missing has those tokens masked out of cross-attention.
+        Returns memory (B, Nv+Na, W) and memory_mask (B, Nv+Na) or None when nothing is masked."""
+        parts, masks = [], []
+        for tokens, present, ln, proj in ((video_tokens, video_mask, self.ln_video, self.video_project),
+                                          (audio_tokens, audio_mask, self.ln_audio, self.audio_project)):
+            if tokens is None:
+                continue
+            parts.append(proj(ln(tokens)))
+            B, N = tokens.shape[:2]
+            if present is None:
+                present = torch.ones(B, dtype=torch.bool, device=tokens.device)
+            masks.append(present[:, None].expand(B, N))  # (B,) -> (B, N)
+        if not parts:
+            raise ValueError("a clip needs video or audio: both are None")
+        memory_mask = torch.cat(masks, dim=1)
+        if not memory_mask.any(dim=1).all():
+            raise ValueError("a clip in the batch has neither video nor audio")
+        return torch.cat(parts, dim=1), None if memory_mask.all() else memory_mask
+
+    def encode_queries(self, video=None, audio=None, video_mask=None, audio_mask=None,
+                       video_tokens=None, audio_tokens=None):
+        """Encoders (unless their tokens are given, e.g. from a cache), memory, then the query
+        pass. Returns the query outputs (B, Q, C) and their per-layer key/value cache."""
+        if video_tokens is None and audio_tokens is None:
+            video_tokens, audio_tokens = self.encode(video, audio)
+        mem, mem_mask = self.memory(video_tokens, audio_tokens, video_mask, audio_mask)
+        queries = self.query_tokens.expand(mem.size(0), -1, -1)
+        return self.Qformer.encode_queries(queries, mem, mem_mask)
+
+    # -- training ---------------------------------------------------------------------------
+
+    def forward(self, video=None, audio=None, captions=None, caption_mask=None,
+                video_mask=None, audio_mask=None, video_tokens=None, audio_tokens=None):
+        """captions (B, T): [DEC] w1 ... wn [SEP] [PAD]...; caption_mask (B, T) marks real
+        tokens. Returns (logits (B, T, V), loss): position t predicts token t+1; padding and
+        the last position are ignored; label smoothing as in the paper."""
+        _, cache = self.encode_queries(video, audio, video_mask, audio_mask, video_tokens, audio_tokens)
+        logits, _ = self.Qformer.decode_text(captions, cache, caption_mask)
+        targets = captions[:, 1:].clone()  # (B, T-1)
+        if caption_mask is not None:
+            targets[~caption_mask[:, 1:].bool()] = IGNORE_INDEX
+        loss = caption_loss(logits[:, :-1], targets, self.cfg.label_smoothing)
+        return logits, loss
+
+    # -- generation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, video=None, audio=None, video_mask=None, audio_mask=None, *,
+                 video_tokens=None, audio_tokens=None, method="greedy", num_beams=5,
+                 length_penalty=1.0, top_k=0, top_p=0.9, temperature=1.0, min_length=1,
+                 max_length=30, repetition_penalty=1.0, num_captions=1, use_cache=True):
+        """Caption each clip. method: "greedy", "beam" (num_beams, length_penalty) or "sample"
+        (top_k and/or nucleus top_p, temperature). Lengths count generated tokens, [SEP]
+        included; [SEP] is blocked until min_length. repetition_penalty > 1 makes tokens
+        already generated less likely (CTRL's rule). Returns token ids
+        (B * num_captions, L) without the leading [DEC], padded after [SEP], the
+        captions of clip b in rows b*num_captions ... (b+1)*num_captions - 1.
+
+        The queries run once per clip; with use_cache the text's keys and values are cached
+        too, so each step costs one token. use_cache=False recomputes the whole text at each
+        step (the reference the cached path is tested against)."""
+        _, query_cache = self.encode_queries(video, audio, video_mask, audio_mask,
+                                             video_tokens, audio_tokens)
+        if method == "beam":
+            if num_captions > num_beams:
+                raise ValueError(f"num_captions ({num_captions}) > num_beams ({num_beams})")
+            return self._beam_search(query_cache, num_beams, length_penalty, min_length,
+                                     max_length, repetition_penalty, num_captions, use_cache)
+        if method not in ("greedy", "sample"):
+            raise ValueError(f"unknown decoding method {method!r}")
+        query_cache = [(k.repeat_interleave(num_captions, 0), v.repeat_interleave(num_captions, 0))
+                       for k, v in query_cache]
+        q = self.cfg.qformer
+        B = query_cache[0][0].size(0)
+        device = query_cache[0][0].device
+        seq = torch.full((B, 1), q.bos_token_id, dtype=torch.long, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        step = _TextStepper(self.Qformer, query_cache, use_cache)
+        for t in range(max_length):
+            logits = self._adjust_logits(step(seq), seq, t, min_length, repetition_penalty)
+            if method == "greedy":
+                nxt = logits.argmax(dim=-1)
+            else:
+                probs = F.softmax(_filter_top_k_top_p(logits / temperature, top_k, top_p), dim=-1)
+                nxt = torch.multinomial(probs, 1)[:, 0]
+            nxt = nxt.masked_fill(finished, q.pad_token_id)  # finished captions only pad
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            finished |= nxt == q.sep_token_id
+            if finished.all():
+                break
+        return seq[:, 1:]
+
+    def _adjust_logits(self, logits, seq, t, min_length, repetition_penalty):
+        """logits (N, V) of step t (0-based) given seq (N, 1+t) -> float32 logits to choose from."""
+        logits = logits.float()
+        if repetition_penalty != 1.0 and seq.size(1) > 1:
+            prev = seq[:, 1:]
+            picked = logits.gather(1, prev)
+            picked = torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty)
+            logits = logits.scatter(1, prev, picked)
+        if t + 1 < min_length:
+            logits[:, self.cfg.qformer.sep_token_id] = float("-inf")
+        return logits
+
+    def _beam_search(self, query_cache, K, length_penalty, min_length, max_length,
+                     repetition_penalty, num_captions, use_cache):
+        """Keep the K best partial captions per clip by summed log-probability; a caption that
+        emits [SEP] is set aside scored by sum / length**length_penalty. A clip is done once it
+        has K finished captions (or at max_length, when its open beams are finished too)."""
+        q = self.cfg.qformer
+        B = query_cache[0][0].size(0)
+        device = query_cache[0][0].device
+        query_cache = [(k.repeat_interleave(K, 0), v.repeat_interleave(K, 0)) for k, v in query_cache]
+        step = _TextStepper(self.Qformer, query_cache, use_cache)
+        seq = torch.full((B * K, 1), q.bos_token_id, dtype=torch.long, device=device)
+        scores = torch.zeros(B, K, device=device)
+        scores[:, 1:] = float("-inf")  # all beams start equal: let only the first one expand
+        done = [[] for _ in range(B)]  # per clip: (score, tokens)
+        for t in range(max_length):
+            logits = self._adjust_logits(step(seq), seq, t, min_length, repetition_penalty)
+            logp = F.log_softmax(logits, dim=-1)  # (B*K, V)
+            V = logp.size(-1)
+            cand = (scores[:, :, None] + logp.view(B, K, V)).view(B, K * V)
+            top_scores, top_idx = cand.topk(2 * K, dim=1)  # enough to refill K after [SEP]s
+            new_beam = torch.zeros(B, K, dtype=torch.long, device=device)
+            new_tok = torch.full((B, K), q.pad_token_id, dtype=torch.long, device=device)
+            new_scores = torch.full((B, K), float("-inf"), device=device)
+            for b in range(B):
+                n = 0
+                for s, idx in zip(top_scores[b].tolist(), top_idx[b].tolist()):
+                    beam, tok = divmod(idx, V)
+                    if s == float("-inf"):
+                        break
+                    if tok == q.sep_token_id:
+                        if len(done[b]) < K:
+                            tokens = seq[b * K + beam, 1:].tolist() + [tok]
+                            done[b].append((s / len(tokens) ** length_penalty, tokens))
+                        continue
+                    new_beam[b, n], new_tok[b, n], new_scores[b, n] = beam, tok, s
+                    n += 1
+                    if n == K:
+                        break
+                if len(done[b]) >= K:
+                    new_scores[b] = float("-inf")  # this clip is finished
+            rows = (new_beam + torch.arange(B, device=device)[:, None] * K).view(-1)
+            seq = torch.cat([seq[rows], new_tok.view(-1, 1)], dim=1)
+            step.reorder(rows)
+            scores = new_scores
+            if all(len(d) >= K for d in done):
+                break
+        for b in range(B):  # clips that ran out of length: their open beams count as finished
+            for k in range(K):
+                s = scores[b, k].item()
+                if s > float("-inf") and len(done[b]) < K:
+                    tokens = seq[b * K + k, 1:].tolist()
+                    done[b].append((s / len(tokens) ** length_penalty, tokens))
+        best = [sorted(d, key=lambda x: -x[0])[:num_captions] for d in done]
+        L = max(len(tokens) for d in best for _, tokens in d)
+        out = torch.full((B * num_captions, L), q.pad_token_id, dtype=torch.long, device=device)
+        for b, d in enumerate(best):
+            for i, (_, tokens) in enumerate(d):
+                out[b * num_captions + i, :len(tokens)] = torch.tensor(tokens, device=device)
+        return out
+
+
+class _TextStepper:
+    """Next-token logits for a batch of growing captions, from the cached queries and, with
+    use_cache, the cached keys/values of the text so far (only the newest token is run)."""
+
+    def __init__(self, qformer, query_cache, use_cache):
+        self.qformer, self.query_cache, self.use_cache = qformer, query_cache, use_cache
+        self.cache = query_cache
+
+    def __call__(self, seq):
+        if self.use_cache:
+            logits, self.cache = self.qformer.decode_text(seq[:, -1:], self.cache)
+        else:
+            logits, _ = self.qformer.decode_text(seq, self.query_cache)
+        return logits[:, -1]
+
+    def reorder(self, rows):
+        """Beam search moved beams: row i now continues old row rows[i]."""
+        self.cache = [(k[rows], v[rows]) for k, v in self.cache]
+        self.query_cache = [(k[rows], v[rows]) for k, v in self.query_cache]
+
+
+def _filter_top_k_top_p(logits, top_k=0, top_p=1.0):
+    """Set to -inf every logit outside the top_k and outside the smallest set of tokens whose
+    probability reaches top_p (the most likely token always stays)."""
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - F.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+# -----------------------------------------------------------------------------
+# 6. Tokenizer
+
+
+class Tokenizer:
+    """BERT WordPiece through the `tokenizers` package, plus the BOS token [DEC].
+
+    Either bert-base-cased's own `vocab.txt` (28,996 entries; [DEC] becomes id 28,996) or,
+    without BERT files, a WordPiece vocabulary trained on the training captions. A caption
+    encodes as [DEC] w1 ... wn [SEP] (BERT's [CLS] replaced by [DEC], as the authors did)."""
+
+    SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+    def __init__(self, tok):
+        from tokenizers import AddedToken
+        self.tok = tok
+        self.tok.add_special_tokens([AddedToken("[DEC]", special=True)])
+        self.pad_id = tok.token_to_id("[PAD]")
+        self.sep_id = tok.token_to_id("[SEP]")
+        self.cls_id = tok.token_to_id("[CLS]")
+        self.bos_id = tok.token_to_id("[DEC]")
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_bert(cls, folder):
+        """bert-base-cased's vocab.txt from `folder` (cased: no lower-casing, accents kept)."""
+        from tokenizers import BertWordPieceTokenizer
+        path = os.path.join(folder, "vocab.txt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no BERT vocabulary at {path}")
+        return cls(BertWordPieceTokenizer(path, lowercase=False, strip_accents=False))
+
+    @classmethod
+    def train(cls, captions, vocab_size=1000):
+        """A WordPiece vocabulary learned from `captions` (for training without BERT files)."""
+        from tokenizers import BertWordPieceTokenizer
+        tok = BertWordPieceTokenizer(lowercase=False, strip_accents=False)
+        tok.train_from_iterator(list(captions), vocab_size=vocab_size, min_frequency=1,
+                                special_tokens=cls.SPECIALS + ["[DEC]"], show_progress=False)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path):
+        """A tokenizer saved by `save` (a tokenizers JSON file)."""
+        from tokenizers import Tokenizer as HFTokenizer
+        return cls(HFTokenizer.from_file(path))
+
+    def save(self, path):
+        self.tok.save(path)
+
+    def configure(self, cfg: UniQ4CapConfig):
+        """Set the model config's vocabulary size and special ids from this tokenizer."""
+        q = cfg.qformer
+        q.vocab_size, q.pad_token_id, q.sep_token_id, q.bos_token_id = (
+            self.vocab_size, self.pad_id, self.sep_id, self.bos_id)
+        return cfg
+
+    def encode(self, captions, max_len=32):
+        """list of str -> ids (B, T) and mask (B, T) bool, padded to the longest, at most
+        max_len tokens including [DEC] and [SEP]."""
+        rows = []
+        for enc in self.tok.encode_batch(list(captions), add_special_tokens=False):
+            rows.append([self.bos_id] + enc.ids[:max_len - 2] + [self.sep_id])
+        T = max(len(r) for r in rows)
+        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+        return ids, ids != self.pad_id
+
+    def decode(self, ids):
+        """Token ids (without [DEC]) -> caption, stopping at the first [SEP]."""
+        ids = [int(i) for i in ids]
+        if self.sep_id in ids:
+            ids = ids[:ids.index(self.sep_id)]
+        return self.tok.decode([i for i in ids if i not in (self.pad_id, self.bos_id)])
+
+
+# -----------------------------------------------------------------------------
+# 7. Loading the official checkpoints by name mapping (DESIGN.md section 5)
+#
+# Each loader reads one file into a plain state dict (`read_state_dict`), then a `map_*`
+# function renames and reshapes it into this model's names and hands it to `assign`, which
+# refuses to leave anything to chance: a source key that maps nowhere and is not known to be
+# ignorable, a target the file does not cover, or a shape that differs is an error naming the
+# key. The `map_*` functions take the state dict itself, so tests can run them on the `meta`
+# device with the full preset's shapes.
+
+
+def read_state_dict(path):
+    """A .safetensors file or a torch pickle, loaded with weights_only=True."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assign(module, tensors, source, fresh=()):
+    """Copy `tensors` (our names -> tensors) into `module`'s parameters. Every parameter must
+    be covered except those whose name contains one of the `fresh` substrings: the parts this
+    source does not provide by design (listed in each loader's docstring). Returns the
+    names assigned."""
+    own = dict(module.named_parameters())  # tied weights appear once
+    for k, t in tensors.items():
+        if k not in own:
+            raise KeyError(f"{source}: '{k}' has no place in {type(module).__name__}")
+        if tuple(t.shape) != tuple(own[k].shape):
+            raise ValueError(f"{source}: shape mismatch for '{k}': expected "
+                             f"{tuple(own[k].shape)}, found {tuple(t.shape)}")
+    missing = [k for k in own if k not in tensors and not any(f in k for f in fresh)]
+    if missing:
+        raise KeyError(f"{source}: missing key '{missing[0]}' ({len(missing)} missing in all)")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            own[k].copy_(t)
+    return sorted(tensors)
+
+
+def _fit_positions(pos, grid, name):
+    """Position embedding (1+h*w, D) of a square grid -> (1 + grid[0]*grid[1], D), bicubic with
+    antialias on the patch positions, class position kept (image CLIP -> audio grid)."""
+    n = pos.size(0) - 1
+    side = int(math.isqrt(n))
+    if side * side != n:
+        raise ValueError(f"{name}: cannot interpolate {n} positions, not a square grid")
+    patches = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
+    patches = F.interpolate(patches.float(), size=grid, mode="bicubic", antialias=True,
+                            align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)  # -> (gh*gw, D)
+    return torch.cat([pos[:1], patches.to(pos.dtype)], dim=0)
+
+
+def map_encoder(encoder: VisionTransformer, sd, source, ignore_prefixes=()):
+    """One CLIP vision tower from a state dict with the authors' names (no prefix). Handles
+    the differences between the official files by shape: a Conv2d patch weight meets our
+    Conv3d (unsqueeze the time axis: tube size 1 is the same function), one class vector meets
+    one per frame (repeat it), an image checkpoint's 257 positions meet the audio grid
+    (interpolate), and a temporal embedding for another frame count (interpolate in time).
+    `visual_projection.weight` is optional: stage 2 never reads it."""
+    cfg = encoder.cfg
+    out = {}
+    for k, t in sd.items():
+        if k.startswith(tuple(ignore_prefixes)) or k == "embeddings.position_ids":
+            continue
+        if k == "embeddings.patch_embedding.weight" and t.dim() == 4 and cfg.temporal:
+            t = t.unsqueeze(2)  # (D, 3, p, p) -> (D, 3, 1, p, p)
+        elif k == "embeddings.class_embedding" and cfg.temporal and t.dim() == 1:
+            t = t[None].repeat(cfg.num_frames, 1)  # (D,) -> (T, D)
+        elif k == "embeddings.position_embedding.weight" and t.size(0) != cfg.tokens_per_frame:
+            t = _fit_positions(t, cfg.grid, f"{source}: '{k}'")
+        elif k.endswith("temporal_embedding") and t.size(1) != cfg.num_frames:
+            t = F.interpolate(t.float().transpose(1, 2), size=cfg.num_frames, mode="linear",
+                              align_corners=False).transpose(1, 2).to(t.dtype)  # (1, T', D) -> (1, T, D)
+        out[k] = t
+    return assign(encoder, out, source, fresh=("visual_projection.weight",))
+
+
+def load_languagebind(encoder: VisionTransformer, path):
+    """LanguageBind's HF checkpoint, `pytorch_model.bin` of `LanguageBind_Video_FT` or
+    `LanguageBind_Audio_FT`: `vision_model.*` and `visual_projection.weight` are read; the text
+    tower (`text_model.*`, `text_projection.weight`, `logit_scale`) is not needed."""
+    sd = read_state_dict(path)
+    vision = {}
+    for k, t in sd.items():
+        if k.startswith("vision_model."):
+            vision[k[len("vision_model."):]] = t
+        elif k == "visual_projection.weight":
+            vision[k] = t
+        elif not (k.startswith("text_model.") or k in ("text_projection.weight", "logit_scale")):
+            raise KeyError(f"{path}: unexpected key '{k}'")
+    return map_encoder(encoder, vision, path)
+
+
+def load_encoder(encoder: VisionTransformer, path):
+    """The authors' pre-aligned encoders, `video.pth` / `audio.pth`: a plain state dict with
+    LanguageBind's vision names without the `vision_model.` prefix (video in the Conv3d /
+    per-frame class variant). `train_align.py` writes its encoders in the same format."""
+    return map_encoder(encoder, read_state_dict(path), path)
+
+
+def _bert_name(k):
+    """bert-base-cased name -> ours (inside `Qformer`), or None for keys we do not use."""
+    k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+    if (k.startswith(("bert.pooler.", "cls.seq_relationship."))
+            or k in ("bert.embeddings.token_type_embeddings.weight", "bert.embeddings.position_ids",
+                     "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")):
+        # unused by a captioner; the decoder weight is tied to the word embeddings and
+        # decoder.bias is an alias of predictions.bias
+        return None
+    if k.startswith(("bert.embeddings.", "bert.encoder.", "cls.predictions.")):
+        return k
+    raise KeyError(f"unexpected key '{k}'")
+
+
+def map_bert(model: "UniQ4Cap", sd, source="bert-base-cased"):
+    """bert-base-cased into the Q-Former: embeddings, self-attention, text FFN and LM head.
+    The vocabulary grows by one row for [DEC], initialised like BERT's (normal, std 0.02;
+    output bias 0). The query FFN starts as a copy of the text FFN. Cross-attention is new
+    (BLIP-2's checkpoint or training provides it)."""
+    q = model.cfg.qformer
+    out = {}
+    for k, t in sd.items():
+        try:
+            ours = _bert_name(k)
+        except KeyError as e:
+            raise KeyError(f"{source}: {e.args[0]}") from None
+        if ours is None:
+            continue
+        if ours in ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias") and t.size(0) == q.vocab_size - 1:
+            extra = torch.zeros_like(t[:1])  # the [DEC] row
+            if t.dim() == 2:
+                extra.normal_(std=0.02)
+            t = torch.cat([t, extra], dim=0)
+        out[ours] = t
+        if re.match(r"bert\.encoder\.layer\.\d+\.(intermediate|output)\.", ours):
+            # layer.N.intermediate.* -> layer.N.intermediate_query.*, same for output
+            out[re.sub(r"\.(intermediate|output)\.", r".\1_query.", ours, count=1)] = t
+    return assign(model.Qformer, out, source, fresh=(".crossattention.",))
+
+
+def load_bert(model: "UniQ4Cap", path):
+    """bert-base-cased's `pytorch_model.bin` or `model.safetensors` (old `gamma`/`beta` or new
+    `weight`/`bias` LayerNorm names)."""
+    return map_bert(model, read_state_dict(path), path)
+
+
+def map_blip2(model: "UniQ4Cap", sd, source="blip2_pretrained.pth", query_noise=0.0):
+    """BLIP-2's pretrained Q-Former into ours, as the authors initialised stage 2: every key
+    containing `embedding` or `predictions` is skipped (word/position embeddings and the LM
+    head come from bert-base-cased, whose cased vocabulary differs from BLIP-2's uncased
+    one), and the 32 query tokens are tiled to our count. `query_noise` adds Gaussian noise of
+    that std to the tiled queries so twins do not start identical. BLIP-2's `ln_vision`
+    (1408 wide, for its EVA ViT) has no counterpart here. Provides: the Q-Former's encoder
+    layers (cross-attention included), query_tokens and the optional heads."""
+    Q = model.cfg.qformer.num_query_tokens
+    out = {}
+    for k, t in sd.items():
+        if "embedding" in k or "predictions" in k or k.startswith(("ln_vision.", "visual_encoder.")):
+            continue
+        if k == "query_tokens":
+            if Q % t.size(1):
+                raise ValueError(f"{source}: cannot tile {t.size(1)} query tokens to {Q}")
+            t = t.repeat(1, Q // t.size(1), 1)  # (1, 32, C) -> (1, 64, C): [q0..q31, q0..q31]
+            if query_noise > 0:
+                t = t + query_noise * torch.randn_like(t)
+        out[k] = t
+    return assign(model, out, source, fresh=(
+        "video_encoder.", "audio_encoder.", "ln_video.", "ln_audio.", "video_project.",
+        "audio_project.", "Qformer.bert.embeddings.", "Qformer.cls."))
+
+
+def load_blip2(model: "UniQ4Cap", path, query_noise=0.0):
+    """BLIP-2's `blip2_pretrained.pth`: {"model": state_dict} (186M parameters)."""
+    return map_blip2(model, read_state_dict(path)["model"], path, query_noise)
+
+
+def stage2_state_dict(model: "UniQ4Cap"):
+    """What a stage-2 checkpoint holds: everything but the frozen encoders (the authors'
+    `checkpoint_N.pth` layout; `train_caption.py` writes the same)."""
+    return {k: v for k, v in model.state_dict().items()
+            if not k.startswith(("video_encoder.", "audio_encoder."))}
+
+
+def map_stage2(model: "UniQ4Cap", sd, source="checkpoint.pth"):
+    """A stage-2 state dict: Q-Former, query tokens, ln_video/ln_audio, the projections and
+    the optional heads, all required; the encoders are loaded separately."""
+    aliases = ("Qformer.cls.predictions.decoder.weight",  # tied to the word embeddings
+               "Qformer.cls.predictions.decoder.bias",  # alias of predictions.bias
+               "Qformer.bert.embeddings.position_ids")
+    out = {k: t for k, t in sd.items() if k not in aliases}
+    return assign(model, out, source, fresh=("video_encoder.", "audio_encoder."))
+
+
+def load_stage2(model: "UniQ4Cap", path):
+    """The authors' stage-2 `checkpoint_N.pth` ({"model": ..., "optimizer": ..., "epoch": ...}),
+    or one written by train_caption.py (same layout, plus our config and tokenizer)."""
+    ckpt = read_state_dict(path)
+    return map_stage2(model, ckpt["model"], path)

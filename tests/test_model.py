@@ -1,0 +1,192 @@
+"""The model's properties at the tiny preset: shapes, attention paths, masks, cached
+generation, the loss at initialisation, and that a batch can be learned."""
+
+import math
+
+import pytest
+import torch
+
+from model import UniQ4Cap, set_attention_impl, tiny_config
+
+
+def make_batch(cfg, B=2, T=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v, a = cfg.video, cfg.audio
+    video = torch.randn(B, 3, v.num_frames, *v.image_size, generator=g)
+    audio = torch.randn(B, 3, *a.image_size, generator=g)
+    q = cfg.qformer
+    captions = torch.randint(6, q.vocab_size, (B, T), generator=g)
+    captions[:, 0] = q.bos_token_id
+    captions[:, -1] = q.sep_token_id
+    return video, audio, captions, torch.ones(B, T, dtype=torch.bool)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return UniQ4Cap(tiny_config()).eval()
+
+
+def test_module_shapes(model):
+    cfg = model.cfg
+    video, audio, captions, mask = make_batch(cfg)
+    hidden, frames = model.video_encoder(video)
+    assert hidden.shape == (2, cfg.video.num_frames * cfg.video.tokens_per_frame, cfg.video.width)
+    assert frames.shape == (2, cfg.video.num_frames, cfg.video.width)
+    hidden, frames = model.audio_encoder(audio)
+    assert hidden.shape == (2, cfg.audio.tokens_per_frame, cfg.audio.width)
+    assert frames.shape == (2, 1, cfg.audio.width)
+    v, a = model.encode(video, audio)
+    memory, memory_mask = model.memory(v, a)
+    assert memory.shape == (2, v.size(1) + a.size(1), cfg.qformer.encoder_width)
+    assert memory_mask is None
+    queries, cache = model.encode_queries(video, audio)
+    assert queries.shape == (2, cfg.qformer.num_query_tokens, cfg.qformer.hidden)
+    head_dim = cfg.qformer.hidden // cfg.qformer.heads
+    assert len(cache) == cfg.qformer.layers
+    assert cache[0][0].shape == (2, cfg.qformer.heads, cfg.qformer.num_query_tokens, head_dim)
+    logits, loss = model(video, audio, captions, mask)
+    assert logits.shape == (2, captions.size(1), cfg.qformer.vocab_size) and loss.dim() == 0
+
+
+def test_patch_dropout_keeps_same_positions_in_every_frame():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = UniQ4Cap(cfg, freeze_encoders=False).train()
+    video = torch.randn(2, 3, cfg.video.num_frames, *cfg.video.image_size)
+    x = torch.arange(2 * cfg.video.num_frames * cfg.video.tokens_per_frame, dtype=torch.float)
+    x = x.view(2 * cfg.video.num_frames, cfg.video.tokens_per_frame, 1)
+    kept = model.video_encoder.drop_patches(x, B=2, T=cfg.video.num_frames)
+    keep = int(cfg.video.num_patches * (1 - cfg.video.patch_dropout))
+    assert kept.shape == (2 * cfg.video.num_frames, 1 + keep, 1)
+    positions = (kept[:, :, 0] % cfg.video.tokens_per_frame).view(2, cfg.video.num_frames, -1)
+    assert (positions[:, :, 0] == 0).all()  # the class token always stays
+    assert (positions == positions[:, :1]).all()  # same patches in every frame of a clip
+    hidden, _ = model.video_encoder(video)
+    assert hidden.size(1) == cfg.video.num_frames * (1 + keep)
+    model.eval()
+    assert model.video_encoder(video)[0].size(1) == cfg.video.num_frames * cfg.video.tokens_per_frame
+
+
+def test_frozen_encoders_stay_in_eval_mode():
+    model = UniQ4Cap(tiny_config()).train()
+    assert not model.video_encoder.training and not model.audio_encoder.training
+    assert model.Qformer.training
+    assert all(not p.requires_grad for p in model.encoder_parameters())
+
+
+def test_sdpa_equals_plain_attention(model):
+    video, audio, captions, mask = make_batch(model.cfg)
+    mask[1, 5:] = False  # padding exercises the text mask
+    audio_mask = torch.tensor([True, False])  # and the memory mask
+    set_attention_impl(model, "sdpa")
+    fast, _ = model(video, audio, captions, mask, audio_mask=audio_mask)
+    set_attention_impl(model, "plain")
+    plain, _ = model(video, audio, captions, mask, audio_mask=audio_mask)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+
+
+def test_later_text_never_changes_earlier_logits(model):
+    video, audio, captions, mask = make_batch(model.cfg, B=1)
+    logits, _ = model(video, audio, captions, mask)
+    changed = captions.clone()
+    changed[0, 5:] = (changed[0, 5:] + 7) % model.cfg.qformer.vocab_size
+    logits2, _ = model(video, audio, changed, mask)
+    torch.testing.assert_close(logits[:, :5], logits2[:, :5], atol=1e-6, rtol=0)
+    assert not torch.allclose(logits[:, 5:], logits2[:, 5:])
+
+
+def test_query_outputs_do_not_depend_on_text(model):
+    """The queries run before (and without) any text: their outputs and cached keys/values
+    are a function of the memory alone, so the text can only read them."""
+    video, audio, _, _ = make_batch(model.cfg)
+    q1, cache1 = model.encode_queries(video, audio)
+    q2, cache2 = model.encode_queries(video, audio)
+    torch.testing.assert_close(q1, q2)
+    # and the text pass leaves the query cache untouched: text keys are appended after it
+    _, captions, mask = None, *make_batch(model.cfg)[2:]
+    _, grown = model.Qformer.decode_text(captions, cache1, mask)
+    Q = model.cfg.qformer.num_query_tokens
+    for (k, v), (gk, gv) in zip(cache2, grown):
+        torch.testing.assert_close(gk[:, :, :Q], k)
+        torch.testing.assert_close(gv[:, :, :Q], v)
+
+
+def test_missing_audio_is_masked_not_noise(model):
+    """A clip without audio gives the same captions whatever its (zero-filled) audio holds."""
+    video, audio, captions, mask = make_batch(model.cfg)
+    audio_mask = torch.tensor([True, False])
+    logits1, _ = model(video, audio, captions, mask, audio_mask=audio_mask)
+    audio2 = audio.clone()
+    audio2[1] = torch.randn_like(audio2[1])
+    logits2, _ = model(video, audio2, captions, mask, audio_mask=audio_mask)
+    torch.testing.assert_close(logits1[1], logits2[1], atol=1e-6, rtol=0)
+    assert not torch.allclose(logits1[0], model(video, audio2 * 0 + 1, captions, mask,
+                                                audio_mask=audio_mask)[0][0])
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_cached_generation_equals_uncached(model, method):
+    video, audio, _, _ = make_batch(model.cfg, B=3)
+    fast = model.generate(video, audio, method=method, max_length=20, num_beams=3)
+    slow = model.generate(video, audio, method=method, max_length=20, num_beams=3, use_cache=False)
+    assert torch.equal(fast, slow)
+
+
+def test_generation_options(model):
+    cfg = model.cfg.qformer
+    video, audio, _, _ = make_batch(model.cfg, B=2)
+    out = model.generate(video, audio, method="sample", top_k=5, top_p=0.9, num_captions=3,
+                         max_length=12, min_length=4)
+    assert out.shape[0] == 6 and out.shape[1] <= 12
+    assert not (out[:, :3] == cfg.sep_token_id).any()  # no [SEP] before min_length
+    beams = model.generate(video, audio, method="beam", num_beams=4, num_captions=2, max_length=12)
+    assert beams.shape[0] == 4
+
+
+def test_repetition_penalty_applies(model):
+    """Token 10 is the favourite everywhere and token 11 the runner-up: greedy decoding
+    repeats 10, with a penalty it must alternate."""
+    with torch.no_grad():
+        model.Qformer.cls.predictions.bias[10] = 2.0
+        model.Qformer.cls.predictions.bias[11] = 1.5
+    video, audio, _, _ = make_batch(model.cfg)
+    plain = model.generate(video, audio, max_length=8, min_length=8)
+    assert (plain == 10).all()
+    penalised = model.generate(video, audio, max_length=8, min_length=8, repetition_penalty=2.0)
+    assert (penalised == 11).any() and (penalised[:, 0] == 10).all()
+
+
+def test_generation_stops_at_sep(model):
+    cfg = model.cfg.qformer
+    with torch.no_grad():  # make [SEP] the most likely token everywhere
+        model.Qformer.cls.predictions.bias[cfg.sep_token_id] = 100.0
+    video, audio, _, _ = make_batch(model.cfg)
+    out = model.generate(video, audio, max_length=20)
+    assert out.shape == (2, 1) and (out == cfg.sep_token_id).all()
+
+
+def test_loss_at_init_is_log_vocab(model):
+    video, audio, captions, mask = make_batch(model.cfg, B=4)
+    _, loss = model(video, audio, captions, mask)
+    assert abs(loss.item() - math.log(model.cfg.qformer.vocab_size)) < 0.05 * math.log(model.cfg.qformer.vocab_size)
+
+
+def test_one_batch_can_be_overfit():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = UniQ4Cap(cfg).train()
+    video, audio, captions, mask = make_batch(cfg, B=4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=3e-3)
+    for _ in range(100):
+        _, loss = model(video, audio, captions, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    _, loss = model(video, audio, captions, mask)
+    # with label smoothing 0.1 the floor is the smoothed target's entropy, about 1.0 here
+    assert loss.item() < 1.5
+    out = model.generate(video, audio, max_length=captions.size(1))
+    assert torch.equal(out[:, :captions.size(1) - 1], captions[:, 1:])
