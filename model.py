@@ -909,6 +909,11 @@ def assign(module, tensors, source, fresh=()):
     with torch.no_grad():
         for k, t in tensors.items():
             own[k].copy_(t)
+    left = [k for k in own if k not in tensors]
+    if left:  # said aloud, never silent: which parts this file leaves to another source
+        parts = sorted({".".join(k.split(".")[:2]) if k.startswith("Qformer") else k.split(".")[0]
+                        for k in left})
+        print(f"{source}: {len(tensors)} tensors loaded; not in this file, by design: {', '.join(parts)}")
     return sorted(tensors)
 
 
