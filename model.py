@@ -1077,3 +1077,25 @@ def load_stage2(model: "UniQ4Cap", path):
     or one written by train_caption.py (same layout, plus our config and tokenizer)."""
     ckpt = read_state_dict(path)
     return map_stage2(model, ckpt["model"], path)
+
+
+def load_pretrained(model: "UniQ4Cap", video=None, audio=None, bert=None, blip2=None,
+                    stage2=None, query_noise=0.0):
+    """Load whichever official files are given, in the order the authors built stage 2:
+    encoders (LanguageBind's HF file or the authors' video.pth / audio.pth, told apart by the
+    `vision_model.` prefix), then bert-base-cased, then BLIP-2's Q-Former, then a stage-2
+    checkpoint (which replaces everything but the encoders)."""
+    for path, encoder in ((video, model.video_encoder), (audio, model.audio_encoder)):
+        if path is not None:
+            sd = read_state_dict(path)
+            if any(k.startswith("vision_model.") for k in sd):
+                load_languagebind(encoder, path)
+            else:
+                map_encoder(encoder, sd, path)
+    if bert is not None:
+        load_bert(model, bert)
+    if blip2 is not None:
+        load_blip2(model, blip2, query_noise)
+    if stage2 is not None:
+        load_stage2(model, stage2)
+    return model

@@ -190,3 +190,28 @@ def test_one_batch_can_be_overfit():
     assert loss.item() < 1.5
     out = model.generate(video, audio, max_length=captions.size(1))
     assert torch.equal(out[:, :captions.size(1) - 1], captions[:, 1:])
+
+
+def test_bert_vocabulary_gets_dec_as_its_last_id(tmp_path):
+    from model import Tokenizer
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "##s", "Moves"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = Tokenizer.from_bert(str(tmp_path))
+    assert tok.bos_id == len(words) and tok.vocab_size == len(words) + 1
+    ids, mask = tok.encode(["a red circles", "Moves"])
+    assert ids[0].tolist() == [tok.bos_id, 5, 6, 7, 8, tok.sep_id]  # cased, [DEC] ... [SEP]
+    assert ids[1].tolist() == [tok.bos_id, 9, tok.sep_id, 0, 0, 0] and mask[1].sum() == 3
+    assert tok.decode(ids[0, 1:]) == "a red circles"
+
+
+def test_trained_tokenizer_round_trips_through_its_file(tmp_path):
+    from model import Tokenizer
+    captions = ["a red circle moves left", "a blue square moves up over rain"] * 5
+    tok = Tokenizer.train(captions, vocab_size=200)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    again = Tokenizer.load(str(tmp_path / "tokenizer.json"))
+    cfg = again.configure(tiny_config())
+    assert cfg.qformer.bos_token_id == tok.bos_id and cfg.qformer.vocab_size == tok.vocab_size
+    ids, _ = again.encode(captions[:2])
+    assert torch.equal(ids, tok.encode(captions[:2])[0])
+    assert [again.decode(r[1:]) for r in ids] == captions[:2]
