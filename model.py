@@ -616,11 +616,18 @@ class UniQ4Cap(nn.Module):
                        video_tokens=None, audio_tokens=None):
         """Encoders (unless their tokens are given, e.g. from a cache), memory, then the query
         pass. Returns the query outputs (B, Q, C) and their per-layer key/value cache."""
+        return self.query_pass(*self.encode_memory(video, audio, video_mask, audio_mask,
+                                                   video_tokens, audio_tokens))
+
+    def encode_memory(self, video=None, audio=None, video_mask=None, audio_mask=None,
+                      video_tokens=None, audio_tokens=None):
         if video_tokens is None and audio_tokens is None:
             video_tokens, audio_tokens = self.encode(video, audio)
-        mem, mem_mask = self.memory(video_tokens, audio_tokens, video_mask, audio_mask)
-        queries = self.query_tokens.expand(mem.size(0), -1, -1)
-        return self.Qformer.encode_queries(queries, mem, mem_mask)
+        return self.memory(video_tokens, audio_tokens, video_mask, audio_mask)
+
+    def query_pass(self, memory, memory_mask=None):
+        queries = self.query_tokens.expand(memory.size(0), -1, -1)
+        return self.Qformer.encode_queries(queries, memory, memory_mask)
 
     # -- training ---------------------------------------------------------------------------
 
@@ -651,26 +658,26 @@ class UniQ4Cap(nn.Module):
         (B * num_captions, L) without the leading [DEC], padded after [SEP], the
         captions of clip b in rows b*num_captions ... (b+1)*num_captions - 1.
 
-        The queries run once per clip; with use_cache the text's keys and values are cached
-        too, so each step costs one token. use_cache=False recomputes the whole text at each
-        step (the reference the cached path is tested against)."""
-        _, query_cache = self.encode_queries(video, audio, video_mask, audio_mask,
-                                             video_tokens, audio_tokens)
+        The encoders run once. With use_cache the queries also run once per clip and the
+        text's keys and values are cached, so each step costs one token. use_cache=False
+        recomputes the query pass and the whole text at every step, as a decoder without a
+        KV cache does (the reference the cached path is tested against)."""
+        memory, memory_mask = self.encode_memory(video, audio, video_mask, audio_mask,
+                                                 video_tokens, audio_tokens)
         if method == "beam":
             if num_captions > num_beams:
                 raise ValueError(f"num_captions ({num_captions}) > num_beams ({num_beams})")
-            return self._beam_search(query_cache, num_beams, length_penalty, min_length,
-                                     max_length, repetition_penalty, num_captions, use_cache)
+            step = _TextStepper(self, memory, memory_mask, num_beams, use_cache)
+            return self._beam_search(step, memory.size(0), num_beams, length_penalty,
+                                     min_length, max_length, repetition_penalty, num_captions)
         if method not in ("greedy", "sample"):
             raise ValueError(f"unknown decoding method {method!r}")
-        query_cache = [(k.repeat_interleave(num_captions, 0), v.repeat_interleave(num_captions, 0))
-                       for k, v in query_cache]
         q = self.cfg.qformer
-        B = query_cache[0][0].size(0)
-        device = query_cache[0][0].device
+        B = memory.size(0) * num_captions
+        device = memory.device
         seq = torch.full((B, 1), q.bos_token_id, dtype=torch.long, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        step = _TextStepper(self.Qformer, query_cache, use_cache)
+        step = _TextStepper(self, memory, memory_mask, num_captions, use_cache)
         for t in range(max_length):
             logits = self._adjust_logits(step(seq), seq, t, min_length, repetition_penalty)
             if method == "greedy":
@@ -697,16 +704,13 @@ class UniQ4Cap(nn.Module):
             logits[:, self.cfg.qformer.sep_token_id] = float("-inf")
         return logits
 
-    def _beam_search(self, query_cache, K, length_penalty, min_length, max_length,
-                     repetition_penalty, num_captions, use_cache):
+    def _beam_search(self, step, B, K, length_penalty, min_length, max_length,
+                     repetition_penalty, num_captions):
         """Keep the K best partial captions per clip by summed log-probability; a caption that
         emits [SEP] is set aside scored by sum / length**length_penalty. A clip is done once it
         has K finished captions (or at max_length, when its open beams are finished too)."""
         q = self.cfg.qformer
-        B = query_cache[0][0].size(0)
-        device = query_cache[0][0].device
-        query_cache = [(k.repeat_interleave(K, 0), v.repeat_interleave(K, 0)) for k, v in query_cache]
-        step = _TextStepper(self.Qformer, query_cache, use_cache)
+        device = self.query_tokens.device
         seq = torch.full((B * K, 1), q.bos_token_id, dtype=torch.long, device=device)
         scores = torch.zeros(B, K, device=device)
         scores[:, 1:] = float("-inf")  # all beams start equal: let only the first one expand
@@ -759,24 +763,36 @@ class UniQ4Cap(nn.Module):
 
 
 class _TextStepper:
-    """Next-token logits for a batch of growing captions, from the cached queries and, with
-    use_cache, the cached keys/values of the text so far (only the newest token is run)."""
+    """Next-token logits for a batch of growing captions, each clip's memory repeated
+    `repeats` times (captions per clip, or beams). With use_cache the query pass runs once and
+    every layer's keys/values of the queries and of the text so far are kept, so only the
+    newest token is run; without, everything after the encoders is recomputed each step."""
 
-    def __init__(self, qformer, query_cache, use_cache):
-        self.qformer, self.query_cache, self.use_cache = qformer, query_cache, use_cache
-        self.cache = query_cache
+    def __init__(self, model, memory, memory_mask, repeats, use_cache):
+        self.model, self.use_cache = model, use_cache
+        if use_cache:
+            _, cache = model.query_pass(memory, memory_mask)
+            self.cache = [(k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0))
+                          for k, v in cache]
+        else:
+            self.memory = memory.repeat_interleave(repeats, 0)
+            self.memory_mask = None if memory_mask is None else memory_mask.repeat_interleave(repeats, 0)
 
     def __call__(self, seq):
         if self.use_cache:
-            logits, self.cache = self.qformer.decode_text(seq[:, -1:], self.cache)
+            logits, self.cache = self.model.Qformer.decode_text(seq[:, -1:], self.cache)
         else:
-            logits, _ = self.qformer.decode_text(seq, self.query_cache)
+            _, query_cache = self.model.query_pass(self.memory, self.memory_mask)
+            logits, _ = self.model.Qformer.decode_text(seq, query_cache)
         return logits[:, -1]
 
     def reorder(self, rows):
         """Beam search moved beams: row i now continues old row rows[i]."""
-        self.cache = [(k[rows], v[rows]) for k, v in self.cache]
-        self.query_cache = [(k[rows], v[rows]) for k, v in self.query_cache]
+        if self.use_cache:
+            self.cache = [(k[rows], v[rows]) for k, v in self.cache]
+        else:
+            self.memory = self.memory[rows]
+            self.memory_mask = None if self.memory_mask is None else self.memory_mask[rows]
 
 
 def _filter_top_k_top_p(logits, top_k=0, top_p=1.0):

@@ -1,0 +1,250 @@
+"""Speed as a measured property: every figure is a ratio against a baseline measured in the
+same run (absolute times on shared machines are noise), medians over repeats.
+
+Rows:
+  qformer-step    Q-Former training step (fwd+bwd) at the paper's shapes: SDPA vs the plain
+                  softmax(QK^T)V path, fp32 and bf16 (and on CUDA when present)
+  cached-step     stage-2 step from cached encoder features vs recomputing the frozen encoders
+  kv-cache        greedy generation of 30 tokens with the KV cache vs without (same tokens)
+  decode          8 frames + audio from 10 s and 60 s 720p H.264 clips: our decoder (seeking)
+                  vs decoding every frame
+  mfu             achieved FLOP/s of the training step vs the matmul peak measured in this run
+
+    python bench.py                       # everything on the CPU (and CUDA if present)
+    python bench.py --only qformer-step --device cuda --batch 16
+"""
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+
+import model as M
+
+
+def timeit(fn, repeats, warmup=1, sync=lambda: None):
+    """Median seconds of fn() over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def syncer(device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def autocast(device, dtype):
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# -----------------------------------------------------------------------------
+# FLOPs, counted analytically (a multiply-add = 2 FLOPs; backward = 2x forward, except where
+# the input needs no gradient, where only the weight gradient is computed)
+
+
+def qformer_step_flops(cfg, batch, text_len, memory_len):
+    q = cfg.qformer
+    C, I, W, Q, T, M_, V = q.hidden, q.intermediate, q.encoder_width, q.num_query_tokens, text_len, memory_len, q.vocab_size
+    fwd = 0
+    for i in range(q.layers):
+        fwd += 2 * Q * C * C * 4 + 2 * 2 * Q * Q * C + 2 * 2 * Q * C * I  # queries: self-attn, FFN
+        if i % q.cross_attention_freq == 0:
+            fwd += 2 * Q * C * C * 2 + 2 * 2 * M_ * W * C + 2 * 2 * Q * M_ * C  # cross-attn
+        fwd += 2 * T * C * C * 4 + 2 * 2 * T * (Q + T) * C + 2 * 2 * T * C * I  # text
+    fwd += 2 * T * C * C + 2 * T * C * V  # LM head
+    project = 2 * M_ * cfg.video.width * W  # encoder tokens -> memory; their input is frozen
+    return batch * (3 * fwd + 2 * project)
+
+
+def encoder_forward_flops(vcfg, batch):
+    """Forward FLOPs of a ViT tower (matmuls only: patch embedding, attention, MLP)."""
+    D, N = vcfg.width, vcfg.tokens_per_frame
+    T = vcfg.num_frames
+    per_layer = 2 * N * D * D * 4 + 2 * 2 * N * N * D + 2 * 2 * N * D * vcfg.mlp_dim
+    if vcfg.temporal:
+        per_layer += 2 * N * D * D * 4 + 2 * 2 * N * T * D
+    patch = 2 * vcfg.num_patches * vcfg.num_channels * vcfg.patch_size ** 2 * D
+    return batch * T * (vcfg.layers * per_layer + patch)
+
+
+def matmul_peak(device, dtype, n=2048, repeats=5):
+    """FLOP/s of a large square matmul on this device: the peak the MFU is measured against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / timeit(lambda: a @ b, repeats, warmup=2, sync=syncer(device))
+
+
+# -----------------------------------------------------------------------------
+# Benchmarks
+
+
+def paper_batch(cfg, batch, device, text_len=32):
+    """Encoder outputs and captions at the paper's shapes: 8*257 video + 593 audio tokens."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(batch, cfg.video.num_frames * cfg.video.tokens_per_frame, cfg.video.width, generator=g)
+    a = torch.randn(batch, cfg.audio.tokens_per_frame, cfg.audio.width, generator=g)
+    ids = torch.randint(0, cfg.qformer.vocab_size, (batch, text_len), generator=g)
+    ids[:, 0] = cfg.qformer.bos_token_id
+    return v.to(device), a.to(device), ids.to(device)
+
+
+def bench_qformer_step(net, device, dtype, batch, repeats):
+    cfg = net.cfg
+    v, a, ids = paper_batch(cfg, batch, device)
+    params = [p for p in net.parameters() if p.requires_grad]
+
+    def step():
+        with autocast(device, dtype):
+            _, loss = net(captions=ids, video_tokens=v, audio_tokens=a)
+        loss.backward()
+        for p in params:
+            p.grad = None
+
+    net.train()
+    out = {}
+    for impl in ("plain", "sdpa"):
+        M.set_attention_impl(net, impl)
+        out[impl] = timeit(step, repeats, sync=syncer(device))
+    M.set_attention_impl(net, "sdpa")
+    flops = qformer_step_flops(cfg, batch, ids.size(1), v.size(1) + a.size(1))
+    return out, flops
+
+
+def bench_cached_step(net, device, dtype, batch, repeats):
+    """Stage-2 step from pixels (frozen encoders recomputed every step) vs from their cached
+    outputs: the step a --cache-features run takes."""
+    cfg = net.cfg
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(batch, 3, cfg.video.num_frames, *cfg.video.image_size, generator=g).to(device)
+    audio = torch.randn(batch, 3, *cfg.audio.image_size, generator=g).to(device)
+    _, _, ids = paper_batch(cfg, batch, device)
+    with torch.no_grad(), autocast(device, dtype):
+        vt, at = net.encode(video, audio)
+    vt, at = vt.half().to(dtype if dtype != torch.float32 else torch.float32), at.half().to(vt.dtype)
+    params = [p for p in net.parameters() if p.requires_grad]
+    net.train()
+
+    def step(**inputs):
+        with autocast(device, dtype):
+            _, loss = net(captions=ids, **inputs)
+        loss.backward()
+        for p in params:
+            p.grad = None
+
+    sync = syncer(device)
+    recompute = timeit(lambda: step(video=video, audio=audio), repeats, sync=sync)
+    cached = timeit(lambda: step(video_tokens=vt, audio_tokens=at), repeats, sync=sync)
+    return recompute, cached
+
+
+def bench_kv_cache(net, device, dtype, batch, repeats, tokens=30):
+    cfg = net.cfg
+    v, a, _ = paper_batch(cfg, batch, device)
+    net.eval()
+    with autocast(device, dtype):
+        gen = lambda use_cache: net.generate(video_tokens=v, audio_tokens=a, max_length=tokens,
+                                             min_length=tokens, use_cache=use_cache)
+        same = torch.equal(gen(True), gen(False))
+        sync = syncer(device)
+        slow = timeit(lambda: gen(False), repeats, sync=sync)
+        fast = timeit(lambda: gen(True), repeats, sync=sync)
+    return slow, fast, same
+
+
+def bench_decode(repeats):
+    """Our decoder (seeks to the 8 frames it needs) vs decoding every frame, 720p H.264."""
+    import data
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seconds in (10, 60):
+            path = os.path.join(tmp, f"clip{seconds}.mp4")
+            data.write_test_clip(path, seconds=seconds, width=1280, height=720)
+            ours = timeit(lambda: (data.read_video_frames(path, 8), data.read_audio(path)), repeats)
+            every = timeit(lambda: (data.read_video_frames_decode_all(path, 8), data.read_audio(path)), repeats)
+            out[seconds] = (every, ours)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
+    p.add_argument("--batch", type=int, default=0, help="batch for the step rows (default: 2 on CPU, 16 on CUDA)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
+    p.add_argument("--only", default="", help="comma-separated rows: qformer-step,cached-step,kv-cache,decode")
+    p.add_argument("--out", default="out/bench.json", help="where the JSON goes")
+    args = p.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    batch = args.batch or (16 if device.type == "cuda" else 2)
+    only = set(filter(None, args.only.split(",")))
+    want = lambda row: not only or row in only
+    rows, results = [], {"device": str(device), "torch": torch.__version__, "batch": batch,
+                         "threads": torch.get_num_threads()}
+
+    def row(name, baseline, base_s, candidate, cand_s, note=""):
+        ratio = base_s / cand_s
+        rows.append((name, f"{baseline} {base_s * 1e3:.0f} ms", f"{candidate} {cand_s * 1e3:.0f} ms", f"{ratio:.2f}x", note))
+        results[name] = {"baseline": baseline, "baseline_s": base_s, "candidate": candidate,
+                         "candidate_s": cand_s, "speedup": ratio, "note": note}
+
+    torch.manual_seed(0)
+    cfg = M.full_config()
+    net = M.UniQ4Cap(cfg).to(device)
+    dtypes = [torch.float32, torch.bfloat16]
+    if want("qformer-step"):
+        for dtype in dtypes:
+            name = str(dtype).replace("torch.", "")
+            times, flops = bench_qformer_step(net, device, dtype, batch, args.repeats)
+            row(f"qformer-step {name}", "plain", times["plain"], "sdpa", times["sdpa"])
+            peak = matmul_peak(device, dtype)
+            best = min(times.values())
+            achieved = flops / best
+            results[f"mfu {name}"] = {"flops_per_step": flops, "achieved_flops": achieved,
+                                      "peak_flops": peak, "mfu": achieved / peak,
+                                      "faster_path": min(times, key=times.get)}
+            rows.append((f"mfu {name}", f"matmul peak {peak / 1e9:.0f} GFLOP/s",
+                         f"step {achieved / 1e9:.0f} GFLOP/s", f"{achieved / peak:.0%}",
+                         f"faster path: {min(times, key=times.get)}"))
+    if want("cached-step"):
+        cb = 1 if device.type == "cpu" else batch
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        recompute, cached = bench_cached_step(net, device, dtype, cb, args.repeats)
+        row("cached-step", "recompute encoders", recompute, "cached features", cached,
+            f"batch {cb}, {str(dtype).replace('torch.', '')}")
+        flops_ratio = (encoder_forward_flops(cfg.video, 1) + encoder_forward_flops(cfg.audio, 1)
+                       + qformer_step_flops(cfg, 1, 32, 2649)) / qformer_step_flops(cfg, 1, 32, 2649)
+        results["cached-step"]["flop_ratio"] = flops_ratio
+    if want("kv-cache"):
+        slow, fast, same = bench_kv_cache(net, device, torch.float32, batch, args.repeats)
+        row("kv-cache greedy 30 tokens", "no cache", slow, "KV cache", fast,
+            "identical tokens" if same else "TOKENS DIFFER")
+    if want("decode"):
+        for seconds, (every, ours) in bench_decode(args.repeats).items():
+            row(f"decode {seconds}s 720p", "every frame", every, "ours", ours, "8 frames + audio")
+
+    widths = [max(len(str(r[i])) for r in rows + [("row", "baseline", "candidate", "ratio", "")]) for i in range(5)]
+    print(f"device {device}, batch {batch}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for r in [("row", "baseline", "candidate", "ratio", "")] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
