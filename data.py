@@ -1,0 +1,554 @@
+"""Data: reading real media files, the paper's preprocessing, datasets, and the embedded
+audio-visual dataset (DESIGN.md section 4).
+
+  1. decoding with PyAV (its wheels carry FFmpeg): frames at uniformly spaced indices, seeking
+     in long files; the soundtrack (or a sidecar .wav) as 16 kHz mono;
+  2. preprocessing exactly as the paper: CLIP-normalised 224² frames, Kaldi fbank with three
+     chunks as the spectrogram's channels; random flip / chunk only in training;
+  3. the authors' annotation format, a dataset that reports unreadable files instead of
+     crashing or recursing, a collate function with modality masks, a skip tracker;
+  4. a generator of synthetic clips whose captions need both the frames and the sound.
+"""
+
+import json
+import math
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchaudio
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+FBANK_MEAN, FBANK_STD = -4.2677393, 4.5689974  # the paper's spectrogram normalisation
+SAMPLE_RATE = 16000
+
+
+class MediaError(Exception):
+    """A file that cannot be read; `reason` is short enough to count skips by."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+# -----------------------------------------------------------------------------
+# 1. Decoding
+
+
+def _open(path):
+    if not os.path.exists(path):
+        raise MediaError(path, "missing file")
+    if os.path.getsize(path) == 0:
+        raise MediaError(path, "empty file")
+    try:
+        return av.open(path)
+    except (av.FFmpegError, UnicodeDecodeError) as e:
+        raise MediaError(path, f"cannot open ({type(e).__name__})") from None
+
+
+def _frame_index(path, container, stream):
+    """Presentation times of every video frame and of the key frames, from the packets alone
+    (demuxing is cheap, decoding is not). The header's frame count is not trusted."""
+    times, keys = [], []
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0 or packet.pts is None:
+                continue
+            times.append(packet.pts)
+            if packet.is_keyframe:
+                keys.append(packet.pts)
+    except av.FFmpegError as e:
+        raise MediaError(path, f"corrupt stream ({type(e).__name__})") from None
+    return sorted(times), sorted(keys)
+
+
+def uniform_indices(n, num_frames):
+    """linspace(0, n-1, num_frames) rounded: fewer frames than asked repeat some."""
+    return np.linspace(0, n - 1, num_frames).round().astype(int).tolist()
+
+
+def read_video_frames(path, num_frames):
+    """uint8 (T, H, W, 3) at uniformly spaced frame indices. Only the chosen frames are
+    converted to RGB; when the next wanted frame lies past a later key frame the decoder
+    seeks there instead of decoding everything in between."""
+    container = _open(path)
+    try:
+        if not container.streams.video:
+            raise MediaError(path, "no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        times, keys = _frame_index(path, container, stream)
+        if not times:
+            raise MediaError(path, "no video frames")
+        wanted = [times[i] for i in uniform_indices(len(times), num_frames)]
+        frames, position, decoder = {}, None, None
+        try:
+            for target in sorted(set(wanted)):
+                key = max([k for k in keys if k <= target], default=None)
+                if decoder is None or (key is not None and position is not None and position < key):
+                    container.seek(key if key is not None else target, stream=stream, backward=True)
+                    decoder = container.decode(stream)
+                for frame in decoder:
+                    position = frame.pts
+                    if frame.pts is not None and frame.pts >= target:
+                        frames[target] = frame.to_ndarray(format="rgb24")
+                        break
+                else:
+                    raise MediaError(path, "frames missing at the end")
+        except av.FFmpegError as e:
+            raise MediaError(path, f"decoding failed ({type(e).__name__})") from None
+        return torch.from_numpy(np.stack([frames[t] for t in wanted]))
+    finally:
+        container.close()
+
+
+def read_video_frames_decode_all(path, num_frames):
+    """The simple way, kept as the benchmark's baseline: decode and convert every frame,
+    then pick."""
+    container = _open(path)
+    try:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    except av.FFmpegError as e:
+        raise MediaError(path, f"decoding failed ({type(e).__name__})") from None
+    finally:
+        container.close()
+    if not frames:
+        raise MediaError(path, "no video frames")
+    return torch.from_numpy(np.stack([frames[i] for i in uniform_indices(len(frames), num_frames)]))
+
+
+def read_audio(path, sample_rate=SAMPLE_RATE):
+    """float32 mono waveform (N,) at `sample_rate`, from a sidecar `<stem>.wav` when there is
+    one, else from the file's own soundtrack; None when there is no audio stream."""
+    sidecar = os.path.splitext(path)[0] + ".wav"
+    source = sidecar if os.path.exists(sidecar) and sidecar != path else path
+    container = _open(source)
+    try:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        # resample in the source layout, then average the channels ourselves (FFmpeg's own
+        # down-mix weights channels differently)
+        resampler = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=sample_rate)
+        chunks = []
+        try:
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray())
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray())
+        except av.FFmpegError as e:
+            raise MediaError(source, f"audio decoding failed ({type(e).__name__})") from None
+    finally:
+        container.close()
+    if not chunks:
+        return None
+    wave = np.concatenate(chunks, axis=1)  # (channels, N)
+    return torch.from_numpy(wave.mean(axis=0).astype(np.float32))
+
+
+# -----------------------------------------------------------------------------
+# 2. Preprocessing
+
+
+@dataclass
+class MediaConfig:
+    num_frames: int = 8
+    image_size: int = 224
+    num_mel_bins: int = 112
+    target_length: int = 1036
+    sample_rate: int = SAMPLE_RATE
+
+    @classmethod
+    def from_model(cls, cfg):
+        """Sizes come from the model config, so the tiny preset runs this same code."""
+        mel, length = cfg.audio.image_size
+        return cls(cfg.video.num_frames, cfg.video.image_size[0], mel, length)
+
+    def check(self):
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+        if self.image_size < 1 or self.num_mel_bins < 1 or self.target_length < 1:
+            raise ValueError(f"invalid media sizes: {self}")
+        return self
+
+
+def preprocess_video(frames, size, train=False, generator=None):
+    """uint8 (T, H, W, 3) -> float (3, T, size, size): [0, 1], short side to `size` (bicubic,
+    antialiased, as CLIP's transform), centre crop, CLIP mean/std; a horizontal flip with
+    p = 0.5 in training only."""
+    x = frames.permute(0, 3, 1, 2).float() / 255.0  # (T, H, W, 3) -> (T, 3, H, W)
+    H, W = x.shape[-2:]
+    scale = size / min(H, W)
+    h, w = max(size, round(H * scale)), max(size, round(W * scale))
+    x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    top, left = (h - size) // 2, (w - size) // 2
+    x = x[:, :, top:top + size, left:left + size]
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    if train and torch.rand((), generator=generator) < 0.5:
+        x = x.flip(-1)
+    return x.transpose(0, 1).contiguous()  # (T, 3, S, S) -> (3, T, S, S)
+
+
+def log_mel(wave, num_mel_bins, sample_rate=SAMPLE_RATE):
+    """Kaldi fbank with the paper's parameters: (N,) waveform -> (frames, num_mel_bins)."""
+    wave = wave - wave.mean()
+    return torchaudio.compliance.kaldi.fbank(
+        wave[None], htk_compat=True, sample_frequency=sample_rate, use_energy=False,
+        window_type="hanning", num_mel_bins=num_mel_bins, dither=0.0, frame_length=25,
+        frame_shift=10)
+
+
+def chunk_starts(n, target_length, train=False, generator=None):
+    """The three-chunk rule: split the valid start range [0, n - target_length] into three
+    equal parts and take one start in each (random in training, each part's middle in
+    evaluation). Shorter spectrograms are repeated to length, so all starts are 0."""
+    if n <= target_length:
+        return [0, 0, 0]
+    parts = np.array_split(np.arange(n - target_length + 1), 3)
+    starts = []
+    for part in parts:
+        if len(part) == 0:
+            starts.append(0)
+        elif train:
+            starts.append(int(part[torch.randint(len(part), (), generator=generator)]))
+        else:
+            starts.append(int(part[len(part) // 2]))
+    return starts
+
+
+def preprocess_audio(wave, num_mel_bins, target_length, train=False, generator=None):
+    """(N,) 16 kHz waveform -> (3, num_mel_bins, target_length): three chunks of the
+    log-mel spectrogram as channels, mel bins as height and time as width, normalised."""
+    spec = log_mel(wave, num_mel_bins)  # (n, mel)
+    n = spec.size(0)
+    if n < target_length:
+        spec = spec.repeat(math.ceil(target_length / n), 1)[:target_length]
+    chunks = [spec[s:s + target_length] for s in chunk_starts(spec.size(0), target_length, train, generator)]
+    x = torch.stack(chunks).transpose(1, 2)  # (3, L, mel) -> (3, mel, L)
+    return (x - FBANK_MEAN) / (FBANK_STD * 2)
+
+
+# -----------------------------------------------------------------------------
+# 3. Datasets
+
+
+def load_annotations(path, caption_field="caption"):
+    """The authors' format: a JSON list of records, each with an `id` (the media file's stem)
+    and caption fields; JSON Lines also accepted. Fails with a one-line message."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    with open(path) as f:
+        text = f.read()
+    try:
+        records = json.loads(text) if text.lstrip().startswith("[") else \
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON or JSON Lines ({e.msg} at line {e.lineno})") from None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{path}: no records")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or "id" not in r or caption_field not in r:
+            raise ValueError(f"{path}: record {i} lacks 'id' or '{caption_field}'")
+    return records
+
+
+class AVCaptionDataset(torch.utils.data.Dataset):
+    """Clips `data_dir/<id>.mp4` (sound from `<id>.wav` when present) with their captions.
+    An unreadable clip does not raise: its item carries `error = (path, reason)` and the
+    collate function drops it, so a training loop can count and report skips."""
+
+    def __init__(self, annotations, data_dir, media: MediaConfig, caption_field="caption",
+                 train=False, modalities="video+audio", seed=0):
+        media.check()
+        if modalities not in ("video+audio", "video", "audio"):
+            raise ValueError(f"unknown modalities {modalities!r}")
+        if not os.path.isdir(data_dir):
+            raise FileNotFoundError(f"data folder not found: {data_dir}")
+        self.records = load_annotations(annotations, caption_field)
+        self.data_dir, self.media, self.caption_field = data_dir, media, caption_field
+        self.train, self.modalities, self.seed = train, modalities, seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.records)
+
+    def set_epoch(self, epoch):
+        """Training augmentation draws from (seed, epoch, index): reproducible and resumable,
+        whatever worker loads the item."""
+        self.epoch = epoch
+
+    def __getitem__(self, i):
+        rec = self.records[i]
+        path = os.path.join(self.data_dir, f"{rec['id']}.mp4")
+        m = self.media
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+        item = {"id": rec["id"], "caption": rec[self.caption_field], "record": rec, "path": path}
+        try:
+            if self.modalities != "audio":
+                frames = read_video_frames(path, m.num_frames)
+                item["video"] = preprocess_video(frames, m.image_size, self.train, g)
+            wave = read_audio(path) if self.modalities != "video" else None
+        except MediaError as e:
+            return {"id": rec["id"], "error": (e.path, e.reason)}
+        if self.modalities == "audio" and wave is None:
+            return {"id": rec["id"], "error": (path, "no audio stream")}
+        if self.modalities != "video":
+            item["audio_missing"] = wave is None or wave.numel() < 400  # shorter than one window
+        if self.modalities != "video" and not item["audio_missing"]:
+            item["audio"] = preprocess_audio(wave, m.num_mel_bins, m.target_length, self.train, g)
+        return item
+
+
+def collate(batch):
+    """Stack the readable items. Missing modalities are zeros with a False mask; a modality
+    the dataset does not read at all is None. Returns a dict with ids, video (B, 3, T, H, W),
+    audio (B, 3, mel, L), video_mask (B,), audio_mask (B,), captions, records, skipped
+    [(path, reason)], missing_audio (count)."""
+    good = [b for b in batch if "error" not in b]
+    out = {"skipped": [b["error"] for b in batch if "error" in b],
+           "ids": [b["id"] for b in good], "captions": [b["caption"] for b in good],
+           "records": [b["record"] for b in good], "paths": [b["path"] for b in good],
+           "missing_audio": sum(bool(b.get("audio_missing")) for b in good)}
+    for name in ("video", "audio"):
+        present = [name in b for b in good]
+        reads = any(present) or any(f"{name}_missing" in b for b in good)
+        if not good or not reads:
+            out[name], out[f"{name}_mask"] = None, None
+            continue
+        shape = next((b[name].shape for b in good if name in b), None)
+        if shape is None:  # nobody in this batch has it: the masks say so
+            out[name], out[f"{name}_mask"] = None, torch.zeros(len(good), dtype=torch.bool)
+            continue
+        out[name] = torch.stack([b[name] if name in b else torch.zeros(shape) for b in good])
+        out[f"{name}_mask"] = torch.tensor(present)
+    return out
+
+
+class SkipTracker:
+    """Counts what the loader skipped: warns once per file naming it and the reason, reports
+    per-reason counts each epoch, and stops training when too large a fraction is unreadable
+    (after at least `min_items`, so one bad file in the first batch does not stop a run)."""
+
+    def __init__(self, max_skip_fraction=0.05, min_items=100):
+        self.max_skip_fraction, self.min_items = max_skip_fraction, min_items
+        self.warned = set()
+        self.reset()
+
+    def reset(self):
+        self.seen, self.reasons, self.missing_audio = 0, Counter(), 0
+
+    def update(self, batch):
+        self.seen += len(batch["ids"]) + len(batch["skipped"])
+        self.missing_audio += batch["missing_audio"]
+        for path, reason in batch["skipped"]:
+            self.reasons[reason] += 1
+            if path not in self.warned:
+                self.warned.add(path)
+                warnings.warn(f"skipping {path}: {reason}", stacklevel=2)
+        skipped = sum(self.reasons.values())
+        if self.seen >= self.min_items and skipped > self.max_skip_fraction * self.seen:
+            raise RuntimeError(f"{skipped} of {self.seen} clips unreadable, above the limit of "
+                               f"{self.max_skip_fraction:.0%}: {self.report()}")
+
+    def report(self):
+        skipped = sum(self.reasons.values())
+        reasons = ", ".join(f"{r}: {n}" for r, n in self.reasons.most_common()) or "none"
+        return (f"{self.seen} clips, {skipped} skipped ({reasons}), "
+                f"{self.missing_audio} without audio")
+
+
+# -----------------------------------------------------------------------------
+# 4. The embedded audio-visual dataset
+#
+# Each clip shows one coloured shape moving across a dark frame while it sounds a tone, over
+# a background sound. Colour and direction are only visible; the background is only audible;
+# the shape is both seen and heard (it sets the tone's pitch), which is what stage 1 aligns.
+
+ATTRIBUTES = {
+    "shape": ["circle", "square", "triangle"],
+    "colour": ["red", "green", "blue", "yellow"],
+    "direction": ["left", "right", "up", "down"],
+    "background": ["rain", "hum", "birds", "silence"],
+}
+VIDEO_ONLY_ATTRIBUTES = ["colour", "direction"]
+AUDIO_ONLY_ATTRIBUTES = ["background"]
+CROSS_MODAL_ATTRIBUTES = ["shape"]
+PITCH = {"circle": ("low", 330.0), "square": ("middle", 880.0), "triangle": ("high", 2000.0)}
+RGB = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 220, 40)}
+BACKGROUND_PHRASE = {"rain": "rain in the background", "hum": "a hum in the background",
+                     "birds": "birds singing in the background", "silence": "no background sound"}
+CLIP_SECONDS, FPS, SIZE = 2.0, 8, 64
+DEFAULT_EMBEDDED_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "embedded")
+SPLITS = {"train": 2400, "val": 300, "test": 300}
+
+
+def captions_for(a):
+    bg = BACKGROUND_PHRASE[a["background"]]
+    return {"caption": f"a {a['colour']} {a['shape']} moves {a['direction']} with {bg}",
+            "caption_video": f"a {a['colour']} {a['shape']} moves {a['direction']}",
+            "caption_audio": f"a {PITCH[a['shape']][0]} tone sounds with {bg}"}
+
+
+def parse_attributes(caption):
+    """Read attribute values back from a (generated) caption; None where it names none or
+    several. A pitch word counts for the shape it belongs to."""
+    words = caption.lower().replace(",", " ").split()
+    found = {}
+    for name, values in ATTRIBUTES.items():
+        hits = {v for v in values if v in words} if name != "background" else set()
+        if name == "shape":
+            hits |= {s for s, (word, _) in PITCH.items() if f"{word} tone" in caption.lower()}
+        if name == "direction":
+            hits = {v for v in values if f"moves {v}" in caption.lower()}
+        if name == "background":
+            hits = {v for v, phrase in BACKGROUND_PHRASE.items() if phrase in caption.lower()}
+        found[name] = hits.pop() if len(hits) == 1 else None
+    return found
+
+
+def _draw_frames(a, rng):
+    """uint8 (T, SIZE, SIZE, 3): the shape crossing the frame in the given direction."""
+    T = int(CLIP_SECONDS * FPS)
+    r = 9
+    lane = rng.uniform(20, SIZE - 20)
+    start, end = rng.uniform(r + 2, 22), rng.uniform(SIZE - 22, SIZE - r - 2)
+    if a["direction"] in ("left", "up"):
+        start, end = end, start
+    colour = np.clip(np.array(RGB[a["colour"]]) + rng.integers(-20, 21, 3), 0, 255)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    base = rng.integers(20, 50)
+    frames = np.empty((T, SIZE, SIZE, 3), dtype=np.uint8)
+    for t in range(T):
+        pos = start + (end - start) * t / (T - 1)
+        cx, cy = (pos, lane) if a["direction"] in ("left", "right") else (lane, pos)
+        dx, dy = xx - cx, yy - cy
+        if a["shape"] == "circle":
+            mask = dx ** 2 + dy ** 2 <= r ** 2
+        elif a["shape"] == "square":
+            mask = (np.abs(dx) <= 0.8 * r) & (np.abs(dy) <= 0.8 * r)
+        else:  # a triangle pointing up
+            mask = (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
+        img = np.full((SIZE, SIZE, 3), base, dtype=np.float32) + rng.normal(0, 4, (SIZE, SIZE, 1))
+        img[mask] = colour
+        frames[t] = np.clip(img, 0, 255).astype(np.uint8)
+    return frames
+
+
+def _synth_audio(a, rng):
+    """float32 (N,) at 16 kHz: the shape's tone (with a little vibrato) over the background."""
+    n = int(CLIP_SECONDS * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    freq = PITCH[a["shape"]][1] * rng.uniform(0.97, 1.03)
+    tone = 0.25 * np.sin(2 * np.pi * freq * t + 0.3 * np.sin(2 * np.pi * 5 * t))
+    bg = np.zeros(n)
+    if a["background"] == "rain":
+        bg = rng.normal(0, 0.06, n)
+    elif a["background"] == "hum":
+        f0 = rng.uniform(100, 130)
+        bg = 0.12 * np.sin(2 * np.pi * f0 * t) + 0.06 * np.sin(2 * np.pi * 2 * f0 * t)
+    elif a["background"] == "birds":
+        for start in rng.uniform(0, CLIP_SECONDS - 0.15, 6):
+            s, e = int(start * SAMPLE_RATE), int((start + 0.12) * SAMPLE_RATE)
+            tt = t[s:e] - t[s]
+            f = rng.uniform(3500, 4500) + 4000 * tt  # an upward chirp
+            bg[s:e] += 0.12 * np.sin(2 * np.pi * f * tt) * np.hanning(e - s)
+    return (tone + bg).astype(np.float32)
+
+
+def write_clip(path, frames, wave, fps=FPS, sample_rate=SAMPLE_RATE):
+    """Mux uint8 frames (T, H, W, 3) as H.264 and a mono waveform (or None) as AAC into an mp4.
+    One encoder thread, so the same input gives the same bytes."""
+    with av.open(path, "w", format="mp4") as out:
+        vs = out.add_stream("libx264", rate=fps)
+        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        vs.codec_context.thread_count = 1
+        vs.options = {"preset": "ultrafast", "tune": "zerolatency"}
+        if wave is not None:
+            aus = out.add_stream("aac", rate=sample_rate, layout="mono")
+        for f in frames:
+            for packet in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                out.mux(packet)
+        for packet in vs.encode():
+            out.mux(packet)
+        if wave is not None:
+            step = aus.codec_context.frame_size or 1024
+            for i in range(0, len(wave), step):
+                chunk = np.zeros((1, step), dtype=np.float32)
+                piece = wave[i:i + step]
+                chunk[0, :len(piece)] = piece
+                frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
+                frame.sample_rate, frame.pts = sample_rate, i
+                for packet in aus.encode(frame):
+                    out.mux(packet)
+            for packet in aus.encode():
+                out.mux(packet)
+
+
+def write_test_clip(path, seconds, width, height, fps=25, audio=True, seed=0):
+    """A plain moving gradient with a tone, for decoding tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+    T = int(seconds * fps)
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
+    frames = np.empty((T, height, width, 3), dtype=np.uint8)
+    for t in range(T):
+        frames[t] = ((x + y * 0.5 + 8 * t + rng.normal(0, 2, (1, 1, 3))) % 256).astype(np.uint8)
+    wave = None
+    if audio:
+        tt = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+        wave = (0.2 * np.sin(2 * np.pi * 440 * tt)).astype(np.float32)
+    write_clip(path, frames, wave, fps=fps)
+
+
+def _make_one(job):
+    root, clip_id, seed, index = job
+    rng = np.random.default_rng([seed, index])
+    a = {name: values[rng.integers(len(values))] for name, values in ATTRIBUTES.items()}
+    write_clip(os.path.join(root, f"{clip_id}.mp4"), _draw_frames(a, rng), _synth_audio(a, rng))
+    return {"id": clip_id, **captions_for(a), "attributes": a}
+
+
+def make_embedded_dataset(root, splits=None, seed=0, workers=2, progress=True):
+    """Write the clips and `train.json`, `val.json`, `test.json` (the authors' format plus the
+    video-only and audio-only captions and the attribute labels). Deterministic by seed."""
+    from multiprocessing import get_context
+
+    from tqdm import tqdm
+    splits = splits or SPLITS
+    os.makedirs(root, exist_ok=True)
+    jobs, index = [], 0
+    for split, count in splits.items():
+        for _ in range(count):
+            jobs.append((root, f"{split}_{index:05d}", seed, index))
+            index += 1
+    with get_context("fork").Pool(workers) as pool:
+        records = list(tqdm(pool.imap(_make_one, jobs, chunksize=16), total=len(jobs),
+                            desc="generating embedded clips", disable=not progress))
+    start = 0
+    for split, count in splits.items():
+        with open(os.path.join(root, f"{split}.json"), "w") as f:
+            json.dump(records[start:start + count], f, indent=1)
+        start += count
+    with open(os.path.join(root, "COMPLETE"), "w") as f:  # written last: a half-made set is redone
+        json.dump({"seed": seed, "splits": splits}, f)
+    return root
+
+
+def ensure_embedded_dataset(root=DEFAULT_EMBEDDED_ROOT, seed=0):
+    """The embedded dataset, generated on first use."""
+    marker = os.path.join(root, "COMPLETE")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == {"seed": seed, "splits": SPLITS}:
+                return root
+    print(f"generating the embedded dataset in {root} (first use)")
+    return make_embedded_dataset(root, seed=seed)
