@@ -1,14 +1,32 @@
 """Training plumbing shared by train_align.py and train_caption.py (imported, never copied).
 
 Owns: device and precision, torchrun DDP set-up (gloo on CPU, NCCL on GPU), seeds, AdamW
-parameter groups, the warm-up + cosine learning rate, one optimisation step with gradient
-accumulation and clipping, atomic checkpoints that resume exactly (model, optimizer, step,
-RNG states, data position), the JSONL metrics log and rank-0 progress bars.
+parameter groups and the paper's warm-up + cosine learning rate (DESIGN.md section 7), one
+optimisation step with gradient accumulation and clipping, atomic checkpoints that resume
+exactly (model, optimizer, step, RNG states, data position), the JSONL metrics log and rank-0
+progress bars, and launch_local, a torchrun stand-in that the tests use.
+
+How a training script strings them together (the order matters for the model handles):
+
+    ddp, rank, local_rank, world = setup_distributed(args.device)
+    device = setup_device(args.device, local_rank)
+    ctx = autocast_context(device, resolve_dtype(args.dtype, device))
+    seed_everything(args.seed, rank)
+    raw = Model(...).to(device)                 # save and evaluate this one
+    model = maybe_compile(raw, args.compile)    # compile first, then wrap (as nanoGPT)
+    if ddp:
+        model = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
+    optimizer = make_optimizer(raw, args.lr, args.weight_decay, device_type=device.type)
+    for each step:
+        set_lr(optimizer, lr_at(step, ...))
+        loss, norm = train_step(optimizer, micro_batches, loss_fn, args.clip, model if ddp else None)
 """
 
+import glob
 import json
 import math
 import os
+import socket
 import random
 import tempfile
 from contextlib import nullcontext
@@ -50,6 +68,7 @@ def add_common_args(p, **defaults):
 
 
 def setup_device(name="auto", local_rank=0):
+    """auto: cuda, else mps, else cpu. Under DDP each process takes GPU `local_rank`."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else (
             "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
@@ -60,21 +79,25 @@ def setup_device(name="auto", local_rank=0):
 
 
 def resolve_dtype(name, device):
+    """auto: bfloat16 on CUDA GPUs that support it, float32 elsewhere."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def autocast_context(device, dtype):
-    """bf16 autocast where asked; fp32 runs without any context."""
+    """bf16 autocast where asked (CUDA, or CPU on request); fp32 runs without any context.
+    Only the forward pass belongs inside it; backward runs outside."""
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def setup_distributed(device_name="auto"):
-    """Returns (ddp, rank, local_rank, world_size). Under torchrun (RANK set) the process group
-    starts with NCCL for CUDA and gloo otherwise; a plain `python script.py` is one process."""
+    """Returns (ddp, rank, local_rank, world_size). Under torchrun (RANK, LOCAL_RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) the default process group starts with NCCL
+    when the run is on CUDA and gloo otherwise; a plain `python script.py` is one process
+    and never touches torch.distributed (the original crashed there)."""
     if "RANK" not in os.environ:
         return False, 0, 0, 1
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -83,13 +106,14 @@ def setup_distributed(device_name="auto"):
     return True, rank, local_rank, world
 
 
-def cleanup_distributed(ddp):
-    if ddp:
+def cleanup_distributed(ddp=True):
+    if ddp and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def is_master():
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Rank 0, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def seed_everything(seed, rank=0):
@@ -100,27 +124,64 @@ def seed_everything(seed, rank=0):
 
 
 def maybe_compile(model, flag):
-    """Returns the model to call; keep using the uncompiled one for saving and evaluation, so
-    checkpoints never carry `_orig_mod.` prefixes."""
+    """The model to call for training: torch.compile'd when flag is set. Keep the handle you
+    passed in for saving and evaluation, so checkpoints never carry `_orig_mod.` prefixes."""
     return torch.compile(model) if flag else model
 
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launched(rank, world_size, port, out_dir, fn, args):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # the processes share the machine's cores
+    try:
+        result = fn(*args)
+    finally:
+        cleanup_distributed()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def launch_local(fn, *args, world_size=2):
+    """A torchrun stand-in for tests: run fn(*args) in world_size fresh processes on this
+    machine, each with the environment torchrun would give it (RANK, LOCAL_RANK, WORLD_SIZE,
+    MASTER_ADDR=127.0.0.1, a free MASTER_PORT), so fn calls setup_distributed("cpu") as a
+    training script would. fn must be defined at module level (it is pickled by name).
+    Returns fn's return values by rank; they travel through torch.save, so keep them to
+    tensors and plain values. An exception on any rank is raised here."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        torch.multiprocessing.spawn(_launched, args=(world_size, _free_port(), out_dir, fn, args),
+                                    nprocs=world_size)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]
 
 # -----------------------------------------------------------------------------
 # Optimizer and schedule
 
 
-def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), device_type="cpu"):
-    """AdamW; weight decay only on trainable tensors with >= 2 dimensions (matrices,
-    embeddings, the query tokens), never on biases, LayerNorm weights or scalars."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), device_type="cpu", verbose=False):
+    """AdamW over the parameters that require grad (frozen parts are left out). Weight decay
+    only on tensors with >= 2 dimensions (matrices, embeddings, the query tokens); biases,
+    LayerNorm weights and scalars such as the log-temperature are not decayed."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    if verbose:
+        count = lambda ps: sum(p.numel() for p in ps)
+        print0(f"AdamW: {len(decay)} tensors ({count(decay):,} values) with weight decay {weight_decay}, "
+               f"{len(no_decay)} tensors ({count(no_decay):,} values) without")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
 
 def lr_at(step, warmup_steps, max_steps, max_lr, min_lr, warmup_lr):
-    """Linear warm-up from warmup_lr to max_lr over warmup_steps, then cosine to min_lr at
-    max_steps (the paper: 2e-6 -> 2e-4 over 5,000 steps, cosine to 2e-5)."""
+    """The learning rate for optimizer step `step` (0-based): linear from warmup_lr at step 0
+    to max_lr at step warmup_steps, then a half cosine down to min_lr at max_steps (and
+    min_lr after). The paper: 2e-6 -> 2e-4 over 5,000 steps, cosine to 2e-5. A pure function
+    of the step, so a resumed run needs only the saved step to continue the schedule."""
     if step < warmup_steps:
         return warmup_lr + (max_lr - warmup_lr) * step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
@@ -128,28 +189,32 @@ def lr_at(step, warmup_steps, max_steps, max_lr, min_lr, warmup_lr):
 
 
 def set_lr(optimizer, lr):
+    """Set every group's learning rate (nanoGPT style: no scheduler object to save)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
 def train_step(optimizer, micro_batches, loss_fn, clip, ddp_model=None):
-    """One optimizer step as nanoGPT writes it: each micro-batch's loss is divided by their
-    number before backward; under DDP gradients are synchronised only on the last micro-step;
-    then clip, step and zero the gradients (set to None). loss_fn(batch) runs the forward pass
-    and returns the loss. Returns (mean loss, gradient norm before clipping)."""
+    """One optimizer step as nanoGPT writes it. loss_fn(batch) runs the forward pass (inside
+    the autocast context; through the DDP-wrapped model when there is one) and returns the
+    mean loss of that micro-batch. Each loss is divided by the number of micro-batches before
+    backward, so the accumulated gradient is that of their mean; under DDP (ddp_model given)
+    gradients are all-reduced only on the last micro-batch (no_sync before), then clipped
+    (clip <= 0: no clipping), stepped and set to None. bf16 needs no GradScaler.
+    Returns (mean loss of this rank's micro-batches, gradient norm before clipping)."""
     n = len(micro_batches)
     total = 0.0
     for i, batch in enumerate(micro_batches):
-        last = i == n - 1
-        with nullcontext() if ddp_model is None or last else ddp_model.no_sync():
+        sync = ddp_model is None or i == n - 1
+        with nullcontext() if sync else ddp_model.no_sync():
             loss = loss_fn(batch)
             (loss / n).backward()
-        total += loss.item() / n
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+        total += loss.detach().float() / n
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total, norm.item()
+    return total.item(), norm.item()
 
 
 # -----------------------------------------------------------------------------
@@ -157,21 +222,37 @@ def train_step(optimizer, micro_batches, loss_fn, clip, ddp_model=None):
 
 
 def capture_rng_state():
-    """Every generator a training step draws from, as tensors and plain lists so the
-    checkpoint loads with weights_only=True."""
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state = {"python": [py[0], list(py[1]), py[2]],
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    """Every generator a training step may draw from (python, numpy, torch CPU, and every
+    CUDA device when present), as tensors, numbers and lists, so a checkpoint holding it still
+    loads with torch.load(weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def all_rng_states():
+    """capture_rng_state() of every rank, as a list by rank (a collective: call it on every
+    rank, then let rank 0 save it). One process: a list of one."""
+    state = capture_rng_state()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
 def restore_rng_state(state):
-    v, internal, gauss = state["python"]
-    random.setstate((v, tuple(internal), gauss))
+    """Undo capture_rng_state. `state` is one rank's dict, or all_rng_states()'s list, from
+    which this rank takes its own entry (each rank drew its own random numbers)."""
+    if isinstance(state, list):
+        state = state[dist.get_rank() if dist.is_available() and dist.is_initialized() else 0]
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
@@ -179,17 +260,20 @@ def restore_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path, state):
-    """Write atomically: a temporary file in the same folder, flushed and fsynced, then
-    os.replace onto `path` (and the folder fsynced). A crash at any moment leaves either the
-    previous checkpoint or the new one, never a torn file. Expected keys for a resumable
-    checkpoint: model, optimizer, step, rng, data (position), config."""
+def _atomic_write(path, write):
+    """write(file) into a temporary file in the destination folder, flush and fsync it, then
+    os.replace it onto `path` and fsync the folder so the rename itself is durable. A crash
+    at any moment leaves either the old file or the new one under `path`, never a torn one;
+    at worst a stray `<name>.*.tmp` next to it, which the next write of `path` removes."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    prefix = os.path.basename(path) + "."
+    for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*.tmp")):
+        os.remove(stale)  # left by a writer that was killed (only rank 0 writes)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -197,17 +281,34 @@ def save_checkpoint(path, state):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    if os.name == "posix":  # a folder cannot be opened for fsync on Windows
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def save_checkpoint(path, state):
+    """torch.save(state) to `path` atomically (see _atomic_write); call it on rank 0 only.
+    A resumable checkpoint, built by the caller, holds:
+        model      the uncompiled, unwrapped model's state_dict()
+        optimizer  optimizer.state_dict()
+        step       optimizer steps done (the learning rate is lr_at(step, ...))
+        rng        all_rng_states() (or capture_rng_state() in one process)
+        data       the data position, e.g. {"epoch": e, "index": items consumed this epoch}
+        config     vars(args) and/or the model config, as plain types
+    Everything must be tensors and plain Python values so that load_checkpoint's
+    weights_only=True load accepts it."""
+    _atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path):
-    """Our own resumable checkpoints. A missing path is an error, never a silent fresh start."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    """Read one of our checkpoints onto the CPU (load_state_dict moves tensors to the model's
+    and optimizer's device). A missing path is an error, never a silent fresh start. Loaded
+    with weights_only=True: our checkpoints hold only tensors and plain values."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"cannot resume: no checkpoint file at {path!r}")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -231,21 +332,106 @@ class MetricsLogger:
 
 def write_json(path, obj):
     """Final metrics, written atomically like the checkpoints."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def progress(total, desc):
-    """A tqdm bar on rank 0; a silent one elsewhere."""
-    return tqdm(total=total, desc=desc, disable=not is_master(), dynamic_ncols=True)
+def progress(items, desc=None):
+    """A tqdm bar on rank 0 and a silent one elsewhere. items: an iterable to wrap, or the
+    total (an int) for a bar advanced by hand with .update()."""
+    if isinstance(items, int):
+        return tqdm(total=items, desc=desc, disable=not is_master(), dynamic_ncols=True)
+    return tqdm(items, desc=desc, disable=not is_master(), dynamic_ncols=True)
 
 
 def print0(*args, **kwargs):
     if is_master():
         print(*args, **kwargs, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Data plumbing both scripts share
+
+
+def add_data_args(p):
+    p.add_argument("--data-dir", default=None, help="media folder (default: the embedded dataset, made on first use)")
+    p.add_argument("--train-ann", default=None, help="training annotations (JSON list or JSONL; default: embedded)")
+    p.add_argument("--val-ann", default=None, help="validation annotations (default: embedded)")
+    p.add_argument("--test-ann", default=None, help="test annotations (default: embedded)")
+    p.add_argument("--caption-field", default="caption", help="annotation field holding the caption")
+    p.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
+    p.add_argument("--max-skip-fraction", type=float, default=0.05,
+                   help="stop when more than this fraction of clips is unreadable")
+    return p
+
+
+def resolve_data_paths(args):
+    """Fill in the embedded dataset for whatever the user did not name, creating it on
+    first use. Returns (data_dir, {split: annotation path}) and says which data it uses."""
+    import data
+    if args.data_dir is None:
+        if is_master():
+            data.ensure_embedded_dataset()
+        if dist.is_initialized():
+            dist.barrier()  # the other ranks wait for rank 0 to finish generating
+        args.data_dir = data.DEFAULT_EMBEDDED_ROOT
+    anns = {}
+    for split in ("train", "val", "test"):
+        given = getattr(args, f"{split}_ann")
+        anns[split] = given or os.path.join(args.data_dir, f"{split}.json")
+    return args.data_dir, anns
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's share of a permutation drawn from (seed, epoch), starting `start` items
+    in: a resumed run continues exactly where the saved one stopped, without loading the
+    batches it skips."""
+
+    def __init__(self, n, seed, rank=0, world=1, shuffle=True):
+        self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def indices(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.n))
+        per_rank = self.n // self.world  # equal shares keep the ranks in step
+        return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def __iter__(self):
+        return iter(self.indices()[self.start:])
+
+    def __len__(self):
+        return len(self.indices()) - self.start
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # the workers share the cores with the training step
+
+
+def make_loader(dataset, batch_size, sampler, num_workers, collate_fn):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                       num_workers=num_workers, collate_fn=collate_fn,
+                                       worker_init_fn=_worker_init if num_workers else None,
+                                       drop_last=False, persistent_workers=False)
+
+
+def batches_forever(dataset, loader_fn, sampler, batch_size, state, tracker=None):
+    """Yield training batches epoch after epoch. `state` ({"epoch", "index"}) is the data
+    position saved in checkpoints: `index` counts items consumed in the current epoch.
+    Per-epoch skip reports go through `tracker` (data.SkipTracker)."""
+    while True:
+        dataset.set_epoch(state["epoch"])
+        sampler.set_position(state["epoch"], state["index"])
+        for batch in loader_fn():
+            state["index"] += len(batch["ids"]) + len(batch["skipped"])
+            if tracker is not None:
+                tracker.update(batch)
+            yield batch
+        if tracker is not None:
+            print0(f"epoch {state['epoch']}: {tracker.report()}")
+            tracker.reset()
+        state["epoch"], state["index"] = state["epoch"] + 1, 0
