@@ -1,0 +1,245 @@
+"""Stage 1: align the video and audio encoders in one space (DESIGN.md section 6).
+
+The authors never released this stage; this is the project's design. Per clip:
+  f_1..f_T  the video's frame embeddings (post-LN class token of each frame, projected),
+  v = mean_t f_t, the pooled video embedding,
+  a         the audio embedding (the class token of the 3-chunk spectrogram, projected),
+all L2-normalised, with a learnable temperature. Loss:
+  NCE(v, a)                                    clip level, symmetric
+  + lambda * 0.5 * (MIL-NCE(a, bag{f_t}) + MIL-NCE(v, bag{a}))
+where an audio's positive is the bag of its own video's frames (Miech et al., 2020); the
+symmetric bag of a video's audio chunks holds the one pooled audio embedding here, as the
+three chunks form one image. Retrieval is measured on the held-out split before and after.
+
+    python train_align.py                      # tiny, from scratch, embedded data, ~minutes on CPU
+    python train_align.py --preset full --video-init LanguageBind_Video_FT/pytorch_model.bin \\
+        --audio-init LanguageBind_Audio_FT/pytorch_model.bin --train last-k --last-k 2 ...
+
+Outputs in --out-dir (default out/align): video.pth and audio.pth (the authors' encoder
+format, read by train_caption.py and sample.py), ckpt.pt (resumable), metrics.jsonl (log),
+metrics.json (final metrics: retrieval before and after).
+"""
+
+import argparse
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import losses
+import metrics
+import model as M
+import training as T
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(M.PRESETS), help="encoder sizes")
+    p.add_argument("--train", default=None, choices=["heads", "last-k", "all"],
+                   help="what learns: projection heads only, the last k blocks (+heads), or everything "
+                        "(default: all for tiny, last-k for full)")
+    p.add_argument("--last-k", type=int, default=2, help="blocks trained with --train last-k")
+    p.add_argument("--mil-weight", type=float, default=1.0, help="lambda, the MIL-NCE weight")
+    p.add_argument("--patch-dropout", action="store_true", help="video patch dropout while training")
+    p.add_argument("--video-init", default=None, help="LanguageBind HF file or the authors' video.pth")
+    p.add_argument("--audio-init", default=None, help="LanguageBind HF file or the authors' audio.pth")
+    p.add_argument("--eval-max", type=int, default=0, help="held-out clips for retrieval (0: all)")
+    p.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")
+    p.add_argument("--out-dir", default="out/align", help="encoders, checkpoints and metrics")
+    T.add_data_args(p)
+    T.add_common_args(p, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=30,
+                      max_steps=400, weight_decay=0.05)
+    return p.parse_args(argv)
+
+
+class Aligner(nn.Module):
+    """The two encoders and the temperature: everything stage 1 trains."""
+
+    def __init__(self, cfg: M.UniQ4CapConfig):
+        super().__init__()
+        self.video_encoder = M.VisionTransformer(cfg.video)
+        self.audio_encoder = M.VisionTransformer(cfg.audio)
+        self.temperature = losses.LogitScale()
+        self.apply(M.UniQ4Cap._init_weights)
+
+    def embed(self, video, audio):
+        """-> frames (B, T, E), v (B, E), a (B, E), all unit length."""
+        _, frames = self.video_encoder(video)  # (B, T, D) post-LN class tokens
+        _, audio_cls = self.audio_encoder(audio)  # (B, 1, D)
+        frames = F.normalize(self.video_encoder.visual_projection(frames), dim=-1)
+        v = F.normalize(frames.mean(dim=1), dim=-1)
+        a = F.normalize(self.audio_encoder.visual_projection(audio_cls[:, 0]), dim=-1)
+        return frames, v, a
+
+    def forward(self, video, audio, mil_weight=1.0):
+        frames, v, a = self.embed(video, audio)
+        scale = self.temperature()
+        nce = losses.nce_loss(v, a, scale)
+        frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
+        audio_bag, audio_mask = a[:, None], torch.ones(a.size(0), 1, dtype=torch.bool, device=a.device)
+        mil = 0.5 * (losses.mil_nce_loss(a, frames, frame_mask, scale)
+                     + losses.mil_nce_loss(v, audio_bag, audio_mask, scale))
+        return nce + mil_weight * mil, {"nce": nce.item(), "mil_nce": mil.item()}
+
+
+def set_trainable(aligner, mode, last_k):
+    """heads: visual_projection (+temperature); last-k: also the last k blocks and
+    post_layernorm; all: everything."""
+    for p in aligner.parameters():
+        p.requires_grad_(mode == "all")
+    if mode == "all":
+        return
+    for enc in (aligner.video_encoder, aligner.audio_encoder):
+        trainable = [enc.visual_projection]
+        if mode == "last-k":
+            trainable += [enc.post_layernorm, *enc.encoder.layers[-last_k:]]
+        for module in trainable:
+            for p in module.parameters():
+                p.requires_grad_(True)
+    aligner.temperature.log_scale.requires_grad_(True)
+
+
+@torch.no_grad()
+def evaluate(aligner, dataset, device, ctx, batch_size, limit=0):
+    """Video<->audio retrieval on held-out clips: R@1/5/10 both ways, and the fraction of
+    queries whose top match shares their cross-modal attributes (embedded set only)."""
+    was_training = aligner.training
+    aligner.eval()
+    n = len(dataset) if not limit else min(limit, len(dataset))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size,
+                                         collate_fn=data.collate)
+    vs, as_, records = [], [], []
+    for batch in loader:
+        keep = batch["audio_mask"]  # retrieval needs both modalities
+        with ctx:
+            _, v, a = aligner.embed(batch["video"][keep].to(device), batch["audio"][keep].to(device))
+        vs.append(v.float().cpu())
+        as_.append(a.float().cpu())
+        records += [r for r, k in zip(batch["records"], keep.tolist()) if k]
+    v, a = torch.cat(vs), torch.cat(as_)
+    sim = v @ a.t()
+    out = {f"video->audio {k}": x for k, x in metrics.retrieval_recall(sim).items()}
+    out.update({f"audio->video {k}": x for k, x in metrics.retrieval_recall(sim.t()).items()})
+    if records and "attributes" in records[0]:
+        labels = [tuple(r["attributes"][n] for n in data.CROSS_MODAL_ATTRIBUTES) for r in records]
+        classes = {l: i for i, l in enumerate(sorted(set(labels)))}
+        ids = [classes[l] for l in labels]
+        out["video->audio shared-attribute acc"] = metrics.top1_shares(sim, ids)
+        out["audio->video shared-attribute acc"] = metrics.top1_shares(sim.t(), ids)
+        out["shared-attribute chance"] = 1 / len(classes)
+    out["clips"] = len(records)
+    aligner.train(was_training)
+    return out
+
+
+def save_encoders(aligner, out_dir):
+    """The authors' `video.pth` / `audio.pth` layout: each tower's state dict, no prefix."""
+    for name, enc in (("video", aligner.video_encoder), ("audio", aligner.audio_encoder)):
+        T.save_checkpoint(os.path.join(out_dir, f"{name}.pth"), enc.state_dict())
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp, rank, local_rank, world = T.setup_distributed(args.device)
+    device = T.setup_device(args.device, local_rank)
+    dtype = T.resolve_dtype(args.dtype, device)
+    ctx = T.autocast_context(device, dtype)
+    T.seed_everything(args.seed, rank)
+    cfg = M.PRESETS[args.preset]()
+    mode = args.train or ("all" if args.preset == "tiny" else "last-k")
+
+    aligner = Aligner(cfg)
+    for path, enc in ((args.video_init, aligner.video_encoder), (args.audio_init, aligner.audio_encoder)):
+        if path:
+            sd = M.read_state_dict(path)
+            if any(k.startswith("vision_model.") for k in sd):
+                M.load_languagebind(enc, path)
+            else:
+                M.map_encoder(enc, sd, path)
+    set_trainable(aligner, mode, args.last_k)
+    aligner.video_encoder.patch_dropout = args.patch_dropout
+    aligner.to(device)
+    model = T.maybe_compile(aligner, args.compile)
+    ddp_model = None
+    if ddp:
+        ddp_model = model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    optimizer = T.make_optimizer(aligner, args.lr, args.weight_decay, device_type=device.type)
+
+    data_dir, anns = T.resolve_data_paths(args)
+    media = data.MediaConfig.from_model(cfg)
+    train_set = data.AVCaptionDataset(anns["train"], data_dir, media, args.caption_field, train=True, seed=args.seed)
+    test_set = data.AVCaptionDataset(anns["test"], data_dir, media, args.caption_field, train=False)
+    sampler = T.EpochSampler(len(train_set), args.seed, rank, world)
+    loader_fn = lambda: T.make_loader(train_set, args.batch_size, sampler, args.num_workers, data.collate)
+
+    step, position, before = 0, {"epoch": 0, "index": 0}, None
+    if args.resume:
+        ckpt = T.load_checkpoint(args.resume)
+        aligner.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, position, before = ckpt["step"], dict(ckpt["data"]), ckpt.get("before")
+        T.restore_rng_state(ckpt["rng"])
+        T.print0(f"resumed from {args.resume} at step {step}")
+    n_train = sum(p.numel() for p in aligner.parameters() if p.requires_grad)
+    T.print0(f"stage 1 ({args.preset}, training {mode}: {n_train / 1e6:.2f}M parameters) on {device}, "
+             f"{len(train_set)} training clips")
+    if before is None:
+        before = evaluate(aligner, test_set, device, ctx, args.batch_size, args.eval_max)
+    T.print0("retrieval before: " + fmt(before))
+
+    log = T.MetricsLogger(os.path.join(args.out_dir, "metrics.jsonl"))
+    tracker = data.SkipTracker(args.max_skip_fraction)
+    stream = T.batches_forever(train_set, loader_fn, sampler, args.batch_size, position, tracker)
+
+    def loss_fn(batch):
+        keep = batch["audio_mask"] & batch["video_mask"]  # pairs need both modalities
+        with ctx:
+            loss, parts = model(batch["video"][keep].to(device), batch["audio"][keep].to(device), args.mil_weight)
+        loss_fn.parts = parts
+        return loss
+
+    def checkpoint():
+        T.save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
+            "model": aligner.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "data": dict(position), "rng": T.capture_rng_state(), "before": before,
+            "config": vars(args)})
+
+    losses_seen = []
+    bar = T.progress(args.max_steps, "stage 1")
+    bar.update(step)
+    model.train()
+    while step < args.max_steps:
+        lr = T.lr_at(step, args.warmup_steps, args.max_steps, args.lr, args.min_lr, args.warmup_lr)
+        T.set_lr(optimizer, lr)
+        micro = [next(stream) for _ in range(args.grad_accum)]
+        loss, norm = T.train_step(optimizer, micro, loss_fn, args.clip, ddp_model)
+        step += 1
+        losses_seen.append(loss)
+        log.log(step=step, loss=loss, lr=lr, grad_norm=norm, scale=aligner.temperature().item(), **loss_fn.parts)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+        bar.update(1)
+        if T.is_master() and (step % args.save_every == 0 or step == args.max_steps):
+            checkpoint()
+    bar.close()
+
+    after = evaluate(aligner, test_set, device, ctx, args.batch_size, args.eval_max)
+    T.print0("retrieval after:  " + fmt(after))
+    if T.is_master():
+        save_encoders(aligner, args.out_dir)
+        T.write_json(os.path.join(args.out_dir, "metrics.json"),
+                     {"before": before, "after": after, "steps": step, "preset": args.preset, "train": mode})
+        T.print0(f"wrote {args.out_dir}/video.pth, audio.pth, metrics.json")
+    T.cleanup_distributed(ddp)
+    return losses_seen
+
+
+def fmt(m):
+    keys = ["video->audio R@1", "video->audio R@5", "audio->video R@1",
+            "video->audio shared-attribute acc", "audio->video shared-attribute acc"]
+    return ", ".join(f"{k} {m[k]:.3f}" for k in keys if k in m) + f" ({m['clips']} clips)"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Stage 2: train the captioner (DESIGN.md section 7).
+
+The encoders are frozen; the Q-Former, the per-modality LayerNorms and projections and the
+query tokens learn to caption with the LM loss. Every --eval-every steps captions are generated
+on the validation split and scored with BLEU-4, METEOR, ROUGE-L and CIDEr (and, on the embedded
+set, exact attribute accuracy); the best checkpoint by CIDEr is kept and finally scored on the
+test split.
+
+    python train_caption.py                                  # tiny, embedded data, CPU
+    python train_caption.py --modalities video               # a video-only model
+    python train_caption.py --preset full --data-dir D --train-ann D/train.json ... \\
+        --video-encoder video.pth --audio-encoder audio.pth --bert bert-base-cased \\
+        --blip2 blip2_pretrained.pth                         # the paper's recipe
+
+Outputs in --out-dir (default out/caption): best.pth (stage-2 checkpoint: model, config,
+tokenizer), last.pth (resumable), metrics.jsonl (log), metrics.json (final test metrics).
+"""
+
+import argparse
+import os
+from dataclasses import asdict
+
+import torch
+
+import data
+import metrics
+import model as M
+import training as T
+
+MODALITIES = {"video+audio": (True, True), "video": (True, False), "audio": (False, True)}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(M.PRESETS), help="model size")
+    p.add_argument("--modalities", default="video+audio", choices=sorted(MODALITIES),
+                   help="what the model reads, in training and evaluation")
+    p.add_argument("--modality-dropout", type=float, default=0.0,
+                   help="probability of hiding a clip's audio (or, half as often, its video) in training")
+    p.add_argument("--align-dir", default="out/align", help="where train_align.py left video.pth / audio.pth")
+    p.add_argument("--video-encoder", default=None, help="video encoder file (LanguageBind HF file or video.pth)")
+    p.add_argument("--audio-encoder", default=None, help="audio encoder file (LanguageBind HF file or audio.pth)")
+    p.add_argument("--bert", default=None, help="folder with bert-base-cased vocab.txt and weights")
+    p.add_argument("--blip2", default=None, help="BLIP-2 blip2_pretrained.pth")
+    p.add_argument("--query-noise", type=float, default=0.0, help="noise std added to tiled BLIP-2 queries")
+    p.add_argument("--vocab-size", type=int, default=1000, help="WordPiece vocabulary trained when no --bert")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: preset default)")
+    p.add_argument("--eval-max", type=int, default=0, help="clips per validation (0: all)")
+    p.add_argument("--decode", default="greedy", choices=["greedy", "beam", "sample"], help="decoding for evaluation")
+    p.add_argument("--cache-features", action="store_true",
+                   help="compute the frozen encoders once per clip and train from the cached outputs")
+    p.add_argument("--max-caption-len", type=int, default=30, help="generated tokens at most ([SEP] included)")
+    p.add_argument("--out-dir", default="out/caption", help="checkpoints and metrics")
+    T.add_data_args(p)
+    T.add_common_args(p, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=50,
+                      max_steps=1500)
+    return p.parse_args(argv)
+
+
+def build_tokenizer(args, train_records, out_dir):
+    """bert-base-cased's vocabulary when --bert names it; else a WordPiece vocabulary trained
+    on the training captions, saved beside the checkpoint."""
+    if args.bert:
+        return M.Tokenizer.from_bert(args.bert)
+    tok = M.Tokenizer.train([r[args.caption_field] for r in train_records], args.vocab_size)
+    if T.is_master():
+        os.makedirs(out_dir, exist_ok=True)
+        tok.save(os.path.join(out_dir, "tokenizer.json"))
+    return tok
+
+
+def encoder_files(args):
+    """Which encoder weights to load: explicit flags, else train_align.py's output."""
+    files = {}
+    for name in ("video", "audio"):
+        given = getattr(args, f"{name}_encoder")
+        default = os.path.join(args.align_dir, f"{name}.pth")
+        files[name] = given or (default if os.path.exists(default) else None)
+    return files
+
+
+def hide_modalities(batch, p, generator):
+    """Modality dropout: hide a clip's audio with probability p, else its video with
+    probability p/2, so one model also captions clips that lack one. Never both."""
+    vm, am = batch["video_mask"], batch["audio_mask"]
+    if p <= 0 or vm is None or am is None:
+        return batch
+    r = torch.rand(len(vm), generator=generator)
+    drop_audio = (r < p) & vm
+    drop_video = (r >= p) & (r < 1.5 * p) & am
+    batch["audio_mask"], batch["video_mask"] = am & ~drop_audio, vm & ~drop_video
+    return batch
+
+
+def model_inputs(batch, device):
+    return {k: (batch[k].to(device, non_blocking=True) if batch[k] is not None else None)
+            for k in ("video", "audio", "video_mask", "audio_mask")}
+
+
+@torch.no_grad()
+def evaluate(net, dataset, tokenizer, device, ctx, args, limit=0):
+    """Caption the clips and score them: BLEU-4, METEOR, ROUGE-L, CIDEr, and exact attribute
+    accuracy when the records carry attributes (the embedded set)."""
+    was_training = net.training
+    net.eval()
+    n = len(dataset) if not limit else min(limit, len(dataset))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=args.batch_size,
+                                         collate_fn=data.collate, num_workers=args.num_workers)
+    preds, refs, records = {}, {}, []
+    for batch in loader:
+        with ctx:
+            ids = net.generate(**model_inputs(batch, device), method=args.decode, max_length=args.max_caption_len)
+        for rec, row in zip(batch["records"], ids.cpu()):
+            preds[rec["id"]] = tokenizer.decode(row)
+            refs[rec["id"]] = [rec[args.caption_field]]
+            records.append(rec)
+    out = metrics.caption_metrics(refs, preds)
+    if records and "attributes" in records[0]:
+        out["attributes"] = metrics.attribute_accuracy(records, [preds[r["id"]] for r in records],
+                                                       data.parse_attributes)
+    out["clips"] = len(records)
+    out["examples"] = {k: preds[k] for k in list(preds)[:3]}
+    net.train(was_training)
+    return out
+
+
+def save_model(path, net, tokenizer, encoders, step, scores):
+    """A stage-2 checkpoint in the authors' layout ("model": everything but the frozen
+    encoders) plus what sample.py needs to rebuild it: config, tokenizer, encoder files."""
+    T.save_checkpoint(path, {"model": M.stage2_state_dict(net), "config": asdict(net.cfg),
+                             "tokenizer": tokenizer.tok.to_str(), "encoders": encoders,
+                             "step": step, "metrics": scores})
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp, rank, local_rank, world = T.setup_distributed(args.device)
+    device = T.setup_device(args.device, local_rank)
+    dtype = T.resolve_dtype(args.dtype, device)
+    ctx = T.autocast_context(device, dtype)
+    T.seed_everything(args.seed, rank)
+    data_dir, anns = T.resolve_data_paths(args)
+    train_records = data.load_annotations(anns["train"], args.caption_field)
+    tokenizer = build_tokenizer(args, train_records, args.out_dir)
+    cfg = tokenizer.configure(M.PRESETS[args.preset]())
+    cfg.max_text_len = args.max_caption_len + 2
+
+    net = M.UniQ4Cap(cfg)
+    encoders = encoder_files(args)
+    for name, enc in (("video", net.video_encoder), ("audio", net.audio_encoder)):
+        if encoders[name]:
+            M.load_pretrained(net, **{name: encoders[name]})
+        else:
+            # no stage-1 output: keep this run's own initialisation, saved so sample.py
+            # rebuilds the same frozen encoder
+            T.print0(f"no {name} encoder weights (no --{name}-encoder, nothing at {args.align_dir}/{name}.pth): "
+                     f"using this run's own initialisation of the {name} encoder")
+            encoders[name] = os.path.join(args.out_dir, f"{name}.pth")
+            if T.is_master():
+                T.save_checkpoint(encoders[name], enc.state_dict())
+    if args.bert:
+        weights = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(args.bert, f))]
+        if not weights:
+            raise FileNotFoundError(f"--bert {args.bert}: no model.safetensors or pytorch_model.bin")
+        M.load_bert(net, os.path.join(args.bert, weights[0]))
+    if args.blip2:
+        M.load_blip2(net, args.blip2, args.query_noise)
+    net.to(device)
+    model = T.maybe_compile(net, args.compile)
+    ddp_model = None
+    if ddp:
+        ddp_model = model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None)
+    optimizer = T.make_optimizer(net, args.lr, args.weight_decay, device_type=device.type)
+
+    media = data.MediaConfig.from_model(cfg)
+    train_set = data.AVCaptionDataset(anns["train"], data_dir, media, args.caption_field, train=True,
+                                      modalities=args.modalities, seed=args.seed)
+    val_set = data.AVCaptionDataset(anns["val"], data_dir, media, args.caption_field, modalities=args.modalities)
+    test_set = data.AVCaptionDataset(anns["test"], data_dir, media, args.caption_field, modalities=args.modalities)
+    sampler = T.EpochSampler(len(train_set), args.seed, rank, world)
+    loader_fn = lambda: T.make_loader(train_set, args.batch_size, sampler, args.num_workers, data.collate)
+
+    step, position, best = 0, {"epoch": 0, "index": 0}, None
+    if args.resume:
+        ckpt = T.load_checkpoint(args.resume)
+        M.map_stage2(net, ckpt["model"], args.resume)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, position, best = ckpt["step"], dict(ckpt["data"]), ckpt["best"]
+        T.restore_rng_state(ckpt["rng"])
+        T.print0(f"resumed from {args.resume} at step {step}")
+    T.print0(f"stage 2 ({args.preset}, {args.modalities}): {net.num_params(True) / 1e6:.2f}M trainable "
+             f"parameters on {device}, {len(train_set)} training clips, vocabulary {cfg.qformer.vocab_size}")
+
+    log = T.MetricsLogger(os.path.join(args.out_dir, "metrics.jsonl"))
+    tracker = data.SkipTracker(args.max_skip_fraction)
+    stream = T.batches_forever(train_set, loader_fn, sampler, args.batch_size, position, tracker)
+    hide = torch.Generator().manual_seed(args.seed + rank)
+
+    def loss_fn(batch):
+        batch = hide_modalities(batch, args.modality_dropout, hide)
+        ids, mask = tokenizer.encode(batch["captions"], cfg.max_text_len)
+        with ctx:
+            _, loss = model(captions=ids.to(device), caption_mask=mask.to(device), **model_inputs(batch, device))
+        return loss
+
+    eval_every = args.eval_every or max(1, args.max_steps // 4)
+    bar = T.progress(args.max_steps, "stage 2")
+    bar.update(step)
+    model.train()
+    while step < args.max_steps:
+        lr = T.lr_at(step, args.warmup_steps, args.max_steps, args.lr, args.min_lr, args.warmup_lr)
+        T.set_lr(optimizer, lr)
+        loss, norm = T.train_step(optimizer, [next(stream) for _ in range(args.grad_accum)], loss_fn,
+                                  args.clip, ddp_model)
+        step += 1
+        log.log(step=step, loss=loss, lr=lr, grad_norm=norm)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+        bar.update(1)
+        if step % eval_every == 0 or step == args.max_steps:
+            if T.is_master():
+                scores = evaluate(net, val_set, tokenizer, device, ctx, args, args.eval_max)
+                log.log(step=step, val=scores)
+                bar.write(f"step {step} val: " + fmt(scores))
+                if best is None or scores["CIDEr"] > best["CIDEr"]:
+                    best = {"CIDEr": scores["CIDEr"], "step": step}
+                    save_model(os.path.join(args.out_dir, "best.pth"), net, tokenizer, encoders, step, scores)
+                T.save_checkpoint(os.path.join(args.out_dir, "last.pth"), {
+                    "model": M.stage2_state_dict(net), "optimizer": optimizer.state_dict(), "step": step,
+                    "data": dict(position), "rng": T.capture_rng_state(), "best": best,
+                    "config": asdict(cfg)})
+            if ddp:
+                torch.distributed.barrier()
+    bar.close()
+
+    if T.is_master():
+        M.map_stage2(net, T.load_checkpoint(os.path.join(args.out_dir, "best.pth"))["model"], "best.pth")
+        test = evaluate(net, test_set, tokenizer, device, ctx, args)
+        T.print0(f"test (best by val CIDEr, step {best['step']}): " + fmt(test))
+        T.write_json(os.path.join(args.out_dir, "metrics.json"),
+                     {"test": test, "best_step": best["step"], "modalities": args.modalities,
+                      "preset": args.preset, "steps": step, "encoders": encoders})
+        T.print0(f"wrote {args.out_dir}/best.pth and metrics.json")
+    T.cleanup_distributed(ddp)
+
+
+def fmt(s):
+    text = ", ".join(f"{k} {s[k]:.3f}" for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if k in s)
+    if "attributes" in s:
+        text += " | " + ", ".join(f"{k} {v:.2f}" for k, v in s["attributes"].items())
+    return text
+
+
+if __name__ == "__main__":
+    main()
