@@ -17,6 +17,7 @@ of the loading code is an identity map plus a handful of reshapes.
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field, asdict
 
 import torch
@@ -856,6 +857,12 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
         return cls(HFTokenizer.from_file(path))
 
+    @classmethod
+    def from_string(cls, text):
+        """A tokenizer stored inside a checkpoint (`Tokenizer.tok.to_str()`)."""
+        from tokenizers import Tokenizer as HFTokenizer
+        return cls(HFTokenizer.from_str(text))
+
     def save(self, path):
         self.tok.save(path)
 
@@ -929,7 +936,8 @@ def assign(module, tensors, source, fresh=()):
     if left:  # said aloud, never silent: which parts this file leaves to another source
         parts = sorted({".".join(k.split(".")[:2]) if k.startswith("Qformer") else k.split(".")[0]
                         for k in left})
-        print(f"{source}: {len(tensors)} tensors loaded; not in this file, by design: {', '.join(parts)}")
+        print(f"{source}: {len(tensors)} tensors loaded; not in this file, by design: {', '.join(parts)}",
+              file=sys.stderr)
     return sorted(tensors)
 
 

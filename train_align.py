@@ -210,7 +210,8 @@ def main(argv=None):
     bar = T.progress(args.max_steps, "stage 1")
     bar.update(step)
     model.train()
-    while step < args.max_steps:
+    end = T.steps_this_run(args)
+    while step < end:
         lr = T.lr_at(step, args.warmup_steps, args.max_steps, args.lr, args.min_lr, args.warmup_lr)
         T.set_lr(optimizer, lr)
         micro = [next(stream) for _ in range(args.grad_accum)]
@@ -220,9 +221,13 @@ def main(argv=None):
         log.log(step=step, loss=loss, lr=lr, grad_norm=norm, scale=aligner.temperature().item(), **loss_fn.parts)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         bar.update(1)
-        if T.is_master() and (step % args.save_every == 0 or step == args.max_steps):
+        if T.is_master() and (step % args.save_every == 0 or step == end):
             checkpoint()
     bar.close()
+    if step < args.max_steps:
+        T.print0(f"stopped at step {step} (--stop-at); resume with --resume {args.out_dir}/ckpt.pt")
+        T.cleanup_distributed(ddp)
+        return losses_seen
 
     after = evaluate(aligner, test_set, device, ctx, args.batch_size, args.eval_max)
     T.print0("retrieval after:  " + fmt(after))

@@ -208,23 +208,27 @@ def main(argv=None):
     bar = T.progress(args.max_steps, "stage 2")
     bar.update(step)
     model.train()
-    while step < args.max_steps:
+    end = T.steps_this_run(args)
+    losses_seen = []
+    while step < end:
         lr = T.lr_at(step, args.warmup_steps, args.max_steps, args.lr, args.min_lr, args.warmup_lr)
         T.set_lr(optimizer, lr)
         loss, norm = T.train_step(optimizer, [next(stream) for _ in range(args.grad_accum)], loss_fn,
                                   args.clip, ddp_model)
         step += 1
+        losses_seen.append(loss)
         log.log(step=step, loss=loss, lr=lr, grad_norm=norm)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         bar.update(1)
-        if step % eval_every == 0 or step == args.max_steps:
+        if step % eval_every == 0 or step == args.max_steps or step == end:
             if T.is_master():
-                scores = evaluate(net, val_set, tokenizer, device, ctx, args, args.eval_max)
-                log.log(step=step, val=scores)
-                bar.write(f"step {step} val: " + fmt(scores))
-                if best is None or scores["CIDEr"] > best["CIDEr"]:
-                    best = {"CIDEr": scores["CIDEr"], "step": step}
-                    save_model(os.path.join(args.out_dir, "best.pth"), net, tokenizer, encoders, step, scores)
+                if step % eval_every == 0 or step == args.max_steps:
+                    scores = evaluate(net, val_set, tokenizer, device, ctx, args, args.eval_max)
+                    log.log(step=step, val=scores)
+                    bar.write(f"step {step} val: " + fmt(scores))
+                    if best is None or scores["CIDEr"] > best["CIDEr"]:
+                        best = {"CIDEr": scores["CIDEr"], "step": step}
+                        save_model(os.path.join(args.out_dir, "best.pth"), net, tokenizer, encoders, step, scores)
                 T.save_checkpoint(os.path.join(args.out_dir, "last.pth"), {
                     "model": M.stage2_state_dict(net), "optimizer": optimizer.state_dict(), "step": step,
                     "data": dict(position), "rng": T.capture_rng_state(), "best": best,
@@ -232,6 +236,10 @@ def main(argv=None):
             if ddp:
                 torch.distributed.barrier()
     bar.close()
+    if step < args.max_steps:
+        T.print0(f"stopped at step {step} (--stop-at); resume with --resume {args.out_dir}/last.pth")
+        T.cleanup_distributed(ddp)
+        return losses_seen
 
     if T.is_master():
         M.map_stage2(net, T.load_checkpoint(os.path.join(args.out_dir, "best.pth"))["model"], "best.pth")
@@ -242,6 +250,7 @@ def main(argv=None):
                       "preset": args.preset, "steps": step, "encoders": encoders})
         T.print0(f"wrote {args.out_dir}/best.pth and metrics.json")
     T.cleanup_distributed(ddp)
+    return losses_seen
 
 
 def fmt(s):

@@ -60,7 +60,15 @@ def add_common_args(p, **defaults):
     p.add_argument("--max-steps", type=int, default=d["max_steps"], help="optimizer steps in all")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW decay on >=2-D weights")
     p.add_argument("--resume", default=None, help="checkpoint to resume from (an error if it does not exist)")
+    p.add_argument("--stop-at", type=int, default=0,
+                   help="end this run after this step, checkpoint saved, to --resume later (e.g. to fit a "
+                        "job's time limit); 0: run to --max-steps")
     return p
+
+
+def steps_this_run(args):
+    """The step this run ends at: --max-steps, or earlier with --stop-at."""
+    return min(args.max_steps, args.stop_at) if args.stop_at else args.max_steps
 
 
 # -----------------------------------------------------------------------------

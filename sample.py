@@ -1,0 +1,132 @@
+"""Caption video files with a trained model.
+
+    python sample.py --video clip.mp4                       # prints the caption
+    python sample.py --video a.mp4 b.mp4 --decode beam      # several files: JSON Lines
+    python sample.py --video folder/ --num-captions 3 --decode sample
+    python sample.py --video x.mp4 --ckpt checkpoint_N.pth --preset full \\
+        --video-encoder video.pth --audio-encoder audio.pth --bert bert-base-cased
+
+--ckpt defaults to train_caption.py's output (out/caption/best.pth), which carries its config,
+tokenizer and encoder files. The authors' stage-2 checkpoint works too, given their encoders
+and bert-base-cased's vocabulary. A video without a soundtrack is captioned from its frames
+alone (the audio tokens are masked out), and the output says so. An unreadable file gives a
+one-line error naming it and a non-zero exit code.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+import data
+import model as M
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--video", nargs="+", required=True, help="video files or folders")
+    p.add_argument("--ckpt", default="out/caption/best.pth", help="stage-2 checkpoint")
+    p.add_argument("--preset", default=None, choices=sorted(M.PRESETS),
+                   help="model size, for checkpoints that carry no config (the authors')")
+    p.add_argument("--video-encoder", default=None, help="video encoder file (overrides the checkpoint's)")
+    p.add_argument("--audio-encoder", default=None, help="audio encoder file (overrides the checkpoint's)")
+    p.add_argument("--bert", default=None, help="folder with bert-base-cased's vocab.txt (authors' checkpoints)")
+    p.add_argument("--decode", default="greedy", choices=["greedy", "beam", "sample"], help="decoding method")
+    p.add_argument("--num-beams", type=int, default=5, help="beams for --decode beam")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass for --decode sample")
+    p.add_argument("--top-k", type=int, default=0, help="top-k for --decode sample (0: off)")
+    p.add_argument("--num-captions", type=int, default=1, help="captions per video")
+    p.add_argument("--min-length", type=int, default=1, help="fewest generated tokens")
+    p.add_argument("--max-length", type=int, default=30, help="most generated tokens")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats")
+    p.add_argument("--seed", type=int, default=0, help="seed for --decode sample")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    return p.parse_args(argv)
+
+
+def load_captioner(args):
+    """Rebuild the model a checkpoint describes: ours carry config, tokenizer and encoder
+    files; the authors' need --preset, --bert and the encoder flags."""
+    ckpt = M.read_state_dict(args.ckpt)
+    if "config" in ckpt:
+        cfg = M.config_from_dict(ckpt["config"])
+        tokenizer = M.Tokenizer.from_string(ckpt["tokenizer"])
+        encoders = dict(ckpt.get("encoders") or {})
+    else:
+        if not (args.preset and args.bert):
+            raise SystemExit(f"error: {args.ckpt} carries no config: give --preset and --bert")
+        tokenizer = M.Tokenizer.from_bert(args.bert)
+        cfg = tokenizer.configure(M.PRESETS[args.preset]())
+        encoders = {}
+    encoders["video"] = args.video_encoder or encoders.get("video")
+    encoders["audio"] = args.audio_encoder or encoders.get("audio")
+    missing = [k for k, v in encoders.items() if not v]
+    if missing:
+        raise SystemExit(f"error: no weights for the {' and '.join(missing)} encoder: give --{missing[0]}-encoder")
+    net = M.UniQ4Cap(cfg)
+    M.load_pretrained(net, video=encoders["video"], audio=encoders["audio"])
+    M.map_stage2(net, ckpt["model"], args.ckpt)
+    return net.eval().to(args.device), tokenizer
+
+
+def list_videos(paths):
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(VIDEO_EXTENSIONS))
+        else:
+            files.append(p)
+    return files
+
+
+def caption_file(net, tokenizer, path, args):
+    """-> (captions, has_audio). Raises data.MediaError for an unreadable file."""
+    media = data.MediaConfig.from_model(net.cfg)
+    video = data.preprocess_video(data.read_video_frames(path, media.num_frames), media.image_size)
+    wave = data.read_audio(path)
+    has_audio = wave is not None and wave.numel() >= 400
+    audio = data.preprocess_audio(wave, media.num_mel_bins, media.target_length) if has_audio else None
+    torch.manual_seed(args.seed)
+    ids = net.generate(video=video[None].to(args.device),
+                       audio=audio[None].to(args.device) if has_audio else None,
+                       method=args.decode, num_beams=args.num_beams, top_p=args.top_p, top_k=args.top_k,
+                       num_captions=args.num_captions, min_length=args.min_length,
+                       max_length=args.max_length, repetition_penalty=args.repetition_penalty)
+    return [tokenizer.decode(row) for row in ids.cpu()], has_audio
+
+
+def main(argv=None):
+    args = get_args(argv)
+    files = list_videos(args.video)
+    if not files:
+        print("error: no video files found in " + " ".join(args.video), file=sys.stderr)
+        return 2
+    try:
+        net, tokenizer = load_captioner(args)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        return 2
+    as_jsonl = len(files) > 1 or os.path.isdir(args.video[0])
+    failed = 0
+    for path in files:
+        try:
+            captions, has_audio = caption_file(net, tokenizer, path, args)
+        except data.MediaError as e:
+            print(f"error: {e.path}: {e.reason}", file=sys.stderr)
+            failed += 1
+            continue
+        if as_jsonl:
+            print(json.dumps({"video": path, "captions": captions, "audio": has_audio}))
+        else:
+            if not has_audio:
+                print(f"(no audio track in {path}: captioned from the video alone)")
+            print("\n".join(captions))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
