@@ -73,6 +73,22 @@ def uniform_indices(n, num_frames):
     return np.linspace(0, n - 1, num_frames).round().astype(int).tolist()
 
 
+SMALL_FILE_PIXELS = 64 * 64 * 400  # below this, one decoding pass beats indexing and seeking
+
+
+def _read_short(path, container, stream, num_frames):
+    """One pass for small files: decode every frame (kept in the decoder's format), count
+    them, convert only the chosen ones. The header's frame count only chose this path."""
+    try:
+        decoded = list(container.decode(stream))
+    except av.FFmpegError as e:
+        raise MediaError(path, f"decoding failed ({type(e).__name__})") from None
+    if not decoded:
+        raise MediaError(path, "no video frames")
+    picks = uniform_indices(len(decoded), num_frames)
+    return torch.from_numpy(np.stack([decoded[i].to_ndarray(format="rgb24") for i in picks]))
+
+
 def read_video_frames(path, num_frames):
     """uint8 (T, H, W, 3) at uniformly spaced frame indices. Only the chosen frames are
     converted to RGB; when the next wanted frame lies past a later key frame the decoder
@@ -82,7 +98,15 @@ def read_video_frames(path, num_frames):
         if not container.streams.video:
             raise MediaError(path, "no video stream")
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        # decoder threads pay off on large frames; on small ones starting them costs more
+        # than the decoding (16 frames of 64x64: 2.3 ms on one thread, 9.8 ms on "auto")
+        if stream.codec_context.width * stream.codec_context.height >= 640 * 360:
+            stream.thread_type = "AUTO"
+        else:
+            stream.codec_context.thread_count = 1
+        w, h = stream.codec_context.width, stream.codec_context.height
+        if (stream.frames or 10 ** 9) * w * h <= SMALL_FILE_PIXELS:
+            return _read_short(path, container, stream, num_frames)
         times, keys = _frame_index(path, container, stream)
         if not times:
             raise MediaError(path, "no video frames")

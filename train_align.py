@@ -200,10 +200,10 @@ def main(argv=None):
         loss_fn.parts = parts
         return loss
 
-    def checkpoint():
+    def checkpoint(rng):
         T.save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
             "model": aligner.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "data": dict(position), "rng": T.capture_rng_state(), "before": before,
+            "data": dict(position), "rng": rng, "before": before,
             "config": vars(args)})
 
     losses_seen = []
@@ -221,8 +221,10 @@ def main(argv=None):
         log.log(step=step, loss=loss, lr=lr, grad_norm=norm, scale=aligner.temperature().item(), **loss_fn.parts)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         bar.update(1)
-        if T.is_master() and (step % args.save_every == 0 or step == end):
-            checkpoint()
+        if step % args.save_every == 0 or step == end:
+            rng = T.all_rng_states()  # a collective: every rank hands over its generators
+            if T.is_master():
+                checkpoint(rng)
     bar.close()
     if step < args.max_steps:
         T.print0(f"stopped at step {step} (--stop-at); resume with --resume {args.out_dir}/ckpt.pt")

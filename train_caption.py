@@ -79,13 +79,13 @@ def encoder_files(args):
     return files
 
 
-def hide_modalities(batch, p, generator):
+def hide_modalities(batch, p):
     """Modality dropout: hide a clip's audio with probability p, else its video with
     probability p/2, so one model also captions clips that lack one. Never both."""
     vm, am = batch["video_mask"], batch["audio_mask"]
     if p <= 0 or vm is None or am is None:
         return batch
-    r = torch.rand(len(vm), generator=generator)
+    r = torch.rand(len(vm))  # the global generator, so a resumed run draws the same
     drop_audio = (r < p) & vm
     drop_video = (r >= p) & (r < 1.5 * p) & am
     batch["audio_mask"], batch["video_mask"] = am & ~drop_audio, vm & ~drop_video
@@ -195,10 +195,9 @@ def main(argv=None):
     log = T.MetricsLogger(os.path.join(args.out_dir, "metrics.jsonl"))
     tracker = data.SkipTracker(args.max_skip_fraction)
     stream = T.batches_forever(train_set, loader_fn, sampler, args.batch_size, position, tracker)
-    hide = torch.Generator().manual_seed(args.seed + rank)
 
     def loss_fn(batch):
-        batch = hide_modalities(batch, args.modality_dropout, hide)
+        batch = hide_modalities(batch, args.modality_dropout)
         ids, mask = tokenizer.encode(batch["captions"], cfg.max_text_len)
         with ctx:
             _, loss = model(captions=ids.to(device), caption_mask=mask.to(device), **model_inputs(batch, device))
@@ -221,6 +220,7 @@ def main(argv=None):
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         bar.update(1)
         if step % eval_every == 0 or step == args.max_steps or step == end:
+            rng = T.all_rng_states()  # a collective: every rank hands over its generators
             if T.is_master():
                 if step % eval_every == 0 or step == args.max_steps:
                     scores = evaluate(net, val_set, tokenizer, device, ctx, args, args.eval_max)
@@ -231,7 +231,7 @@ def main(argv=None):
                         save_model(os.path.join(args.out_dir, "best.pth"), net, tokenizer, encoders, step, scores)
                 T.save_checkpoint(os.path.join(args.out_dir, "last.pth"), {
                     "model": M.stage2_state_dict(net), "optimizer": optimizer.state_dict(), "step": step,
-                    "data": dict(position), "rng": T.capture_rng_state(), "best": best,
+                    "data": dict(position), "rng": rng, "best": best,
                     "config": asdict(cfg)})
             if ddp:
                 torch.distributed.barrier()
