@@ -1,149 +1,293 @@
-"""The contrastive losses against written-out references, in one process and across two.
+"""losses.py against references written out by hand, in one process and across two.
 
-Each loss is checked against a plain loop over clips, MIL-NCE with one-item bags against
-NCE (the identity documented in losses.py), and the two-process gather against one process
-holding the whole global batch: the gradient each rank gets for its own rows must be the
-full-batch gradient (times world, which DDP's gradient averaging divides back out).
+One process: InfoNCE against a double loop in plain Python, MIL-NCE against NCE and against a
+loop over unpadded bags, the caption loss against the label-smoothed cross-entropy formula,
+and the temperature's start and cap.
+
+Two processes (a gloo group on 127.0.0.1, spawned here): each rank holds half of a fixed
+global batch, and what it computes is compared with one process holding all of it. The
+identity being checked, with N = world * B rows in the global batch:
+
+    full-batch loss   L   = 1/N * sum over all rows i of l_i
+    rank r's loss     L_r = 1/B * sum over its own rows of l_i,  so  mean_r L_r = L
+
+Every l_i depends on every feature of the global batch (the others are its negatives), so a
+rank's features also get gradient from the *other* ranks' losses. gather_with_grad sums the
+gathered tensor's gradient over ranks, so rank r's features receive
+d(sum_s L_s)/dx_r = world * dL/dx_r. Chained into parameters that every rank holds a copy of,
+and averaged over ranks as DDP does, that is (1/world) * d(sum_s L_s)/dtheta = dL/dtheta:
+the averaged gradient *equals* the full-batch gradient (no extra factor). The temperature is
+used only locally, and mean_r dL_r/ds = dL/ds as well.
 """
 
 import math
+import os
+import socket
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 import losses
-import training
 
-D, SCALE = 6, 7.0
+D = 5
+SCALE = 1 / 0.07  # the initial temperature's multiplier
 
 
 def unit(*shape, generator):
+    """Random L2-normalised vectors along the last dimension."""
     return F.normalize(torch.randn(*shape, generator=generator), dim=-1)
+
+
+def bag_mask(sizes, K):
+    """(B, K) True for the first sizes[i] members of bag i."""
+    return torch.arange(K)[None, :] < torch.tensor(sizes)[:, None]
+
+
+def dot(x, y):
+    return sum(p * q for p, q in zip(x, y))
+
+
+def log_sum_exp(values):
+    return math.log(sum(math.exp(v) for v in values))
 
 
 # -----------------------------------------------------------------------------
 # One process
 
 
-def test_nce_equals_a_double_loop():
+def info_nce_one_way(x, y, scale):
+    """mean_i -log( exp(s x_i.y_i) / sum_j exp(s x_i.y_j) ), in plain Python."""
+    x, y = x.tolist(), y.tolist()
+    total = 0.0
+    for i in range(len(x)):
+        scores = [scale * dot(x[i], y[j]) for j in range(len(y))]
+        total += log_sum_exp(scores) - scores[i]
+    return total / len(x)
+
+
+def test_nce_equals_a_double_loop_over_pairs():
     g = torch.Generator().manual_seed(0)
-    a, b = unit(5, D, generator=g), unit(5, D, generator=g)
-    n = len(a)
-
-    def one_direction(x, y):  # -log softmax of the matching pair, averaged over rows
-        total = 0.0
-        for i in range(n):
-            scores = [SCALE * float(x[i] @ y[j]) for j in range(n)]
-            total += -scores[i] + math.log(sum(math.exp(s) for s in scores))
-        return total / n
-
-    expected = 0.5 * (one_direction(a, b) + one_direction(b, a))
+    a, b = unit(7, D, generator=g), unit(7, D, generator=g)
+    expected = 0.5 * (info_nce_one_way(a, b, SCALE) + info_nce_one_way(b, a, SCALE))
     assert losses.nce_loss(a, b, SCALE).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_mil_nce_with_one_item_bags_is_the_anchor_to_bag_cross_entropy():
+def test_mil_nce_with_bags_of_one_is_the_anchor_to_bag_direction_of_nce():
     g = torch.Generator().manual_seed(1)
-    a, b = unit(5, D, generator=g), unit(5, D, generator=g)
-    a_to_b = F.cross_entropy(SCALE * a @ b.t(), torch.arange(5))
-    assert torch.allclose(losses.mil_nce_loss(a, b[:, None], None, SCALE), a_to_b)
+    a, b = unit(7, D, generator=g), unit(7, D, generator=g)
+    got = losses.mil_nce_loss(a, b[:, None], None, SCALE)  # (B, D) -> (B, 1, D)
+    assert got.item() == pytest.approx(info_nce_one_way(a, b, SCALE), rel=1e-5)
 
 
-def test_mil_nce_both_ways_with_one_item_bags_is_nce():
+def test_mil_nce_both_ways_with_bags_of_one_equals_nce():
     g = torch.Generator().manual_seed(2)
-    a, b = unit(5, D, generator=g), unit(5, D, generator=g)
+    a, b = unit(7, D, generator=g), unit(7, D, generator=g)
     both_ways = 0.5 * (losses.mil_nce_loss(a, b[:, None], None, SCALE)
                        + losses.mil_nce_loss(b, a[:, None], None, SCALE))
-    assert torch.allclose(both_ways, losses.nce_loss(a, b, SCALE))
-
-
-def padded_bags(sizes, K, generator):
-    """Bags of the given sizes padded to K members with random (not zero) junk."""
-    bags = unit(len(sizes), K, D, generator=generator)
-    mask = torch.arange(K)[None, :] < torch.tensor(sizes)[:, None]  # (B, K)
-    return bags, mask
+    assert both_ways.item() == pytest.approx(losses.nce_loss(a, b, SCALE).item(), rel=1e-6)
 
 
 def test_mil_nce_on_padded_bags_equals_a_loop_over_unpadded_bags():
     g = torch.Generator().manual_seed(3)
-    sizes = [1, 3, 2, 4, 3]
+    sizes, K = [2, 1, 4, 3], 4
     anchors = unit(len(sizes), D, generator=g)
-    bags, mask = padded_bags(sizes, 4, g)
-    unpadded = [bags[i, :k] for i, k in enumerate(sizes)]
-    everything = torch.cat(unpadded)  # every real member of every bag
-    expected = sum(torch.logsumexp(SCALE * everything @ anchors[i], 0)  # positives + negatives
-                   - torch.logsumexp(SCALE * unpadded[i] @ anchors[i], 0)  # its own bag
-                   for i in range(len(sizes))) / len(sizes)
-    assert torch.allclose(losses.mil_nce_loss(anchors, bags, mask, SCALE), expected)
+    bags = unit(len(sizes), K, D, generator=g)
+    mask = bag_mask(sizes, K)
+    bags[~mask] = anchors[0]  # padding that would dominate anchor 0's scores if it counted
+    unpadded = [bags[i, :k].tolist() for i, k in enumerate(sizes)]
+
+    total = 0.0
+    for i, anchor in enumerate(anchors.tolist()):
+        own = [SCALE * dot(anchor, y) for y in unpadded[i]]
+        every = [SCALE * dot(anchor, y) for bag in unpadded for y in bag]
+        total += log_sum_exp(every) - log_sum_exp(own)
+    expected = total / len(sizes)
+
+    got = losses.mil_nce_loss(anchors, bags, mask, SCALE).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert losses.mil_nce_loss(anchors, bags, None, SCALE).item() != pytest.approx(expected, rel=1e-3)
 
 
-def test_logit_scale_starts_at_one_over_007_and_is_capped_at_100():
+def caption_batch():
+    """Logits (2, 4, 6) and targets with two padded positions per row."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 4, 6, generator=g)
+    targets = torch.tensor([[3, 0, losses.IGNORE_INDEX, losses.IGNORE_INDEX],
+                            [5, 5, 1, losses.IGNORE_INDEX]])
+    return logits, targets
+
+
+def test_caption_loss_does_not_see_ignore_index_positions():
+    logits, targets = caption_batch()
+    kept = targets != losses.IGNORE_INDEX
+    noisy = logits.clone()
+    noisy[~kept] = 1e4 * torch.randn(int((~kept).sum()), logits.size(-1))  # garbage where ignored
+    only_kept = losses.caption_loss(logits[kept][None], targets[kept][None])  # (1, n_kept, V)
+    assert losses.caption_loss(noisy, targets).item() == pytest.approx(only_kept.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_caption_loss_is_label_smoothed_cross_entropy_averaged_over_kept_positions(eps):
+    """Per kept position: (1 - eps) * -log p(target) + eps * mean over the vocabulary of -log p."""
+    logits, targets = caption_batch()
+    total, count = 0.0, 0
+    for row, labels in zip(logits.tolist(), targets.tolist()):
+        for scores, y in zip(row, labels):
+            if y == losses.IGNORE_INDEX:
+                continue
+            log_z = log_sum_exp(scores)
+            nll = log_z - scores[y]
+            uniform = sum(log_z - s for s in scores) / len(scores)
+            total += (1 - eps) * nll + eps * uniform
+            count += 1
+    got = losses.caption_loss(logits, targets, label_smoothing=eps).item()
+    assert got == pytest.approx(total / count, rel=1e-5)
+
+
+def test_logit_scale_starts_at_one_over_0_07():
     t = losses.LogitScale()
     assert t.log_scale.item() == pytest.approx(math.log(1 / 0.07))
     assert t().item() == pytest.approx(1 / 0.07, rel=1e-6)
+
+
+def test_logit_scale_is_clamped_at_100_and_gets_no_gradient_above_it():
+    t = losses.LogitScale()
     with torch.no_grad():
-        t.log_scale.fill_(10.0)
-    assert t().item() == pytest.approx(100.0, rel=1e-6)
+        t.log_scale.fill_(math.log(300.0))
+    value = t()
+    value.backward()
+    assert value.item() == pytest.approx(100.0, rel=1e-6)
+    assert t.log_scale.grad.item() == 0.0
 
 
 # -----------------------------------------------------------------------------
-# Two processes (gloo on 127.0.0.1) against one process with the whole global batch
+# Two processes against one process on the same global batch
 
-WORLD, B_LOCAL, K = 2, 3, 4
+WORLD, B, K, IN = 2, 3, 4, 6  # B rows per rank
 
 
 def global_batch():
-    """The same global batch on every rank and in the reference: features, padded bags."""
-    g = torch.Generator().manual_seed(4)
-    n = WORLD * B_LOCAL
-    a, b = unit(n, D, generator=g), unit(n, D, generator=g)
-    bags, mask = padded_bags([1, 4, 2, 3, 4, 1], K, g)
-    return a, b, bags, mask
+    """The same fixed global batch in every process: features, padded bags, tower inputs."""
+    g = torch.Generator().manual_seed(5)
+    n = WORLD * B
+    return {"a": unit(n, D, generator=g), "b": unit(n, D, generator=g),
+            "bags": unit(n, K, D, generator=g), "mask": bag_mask([1, 4, 2, 3, 4, 2], K),
+            "video": torch.randn(n, IN, generator=g), "audio": torch.randn(n, IN, generator=g),
+            "chunks": torch.randn(n, K, IN, generator=g)}
 
 
-def losses_and_grads(a, b, bags, mask):
-    """NCE(a, b) and MIL-NCE(a, bags) on leaf copies, with the gradients of their inputs."""
-    a, b, bags = (x.clone().requires_grad_() for x in (a, b, bags))
+def towers():
+    """Stage 1 in miniature; the fixed seed gives every process the same weights."""
+    torch.manual_seed(0)
+    return nn.ModuleDict({"video": nn.Linear(IN, D), "audio": nn.Linear(IN, D),
+                          "temperature": losses.LogitScale()})
+
+
+def measure(batch):
+    """Losses and gradients on this process's share of the global batch (all of it in one
+    process): NCE and MIL-NCE with leaf features, and the towers' parameter gradients."""
+    out = {}
+    a, b, bags = (batch[k].clone().requires_grad_() for k in ("a", "b", "bags"))
     nce = losses.nce_loss(a, b, SCALE)
     nce.backward()
-    out = {"nce": nce.detach(), "nce_grad_a": a.grad, "nce_grad_b": b.grad}
+    out.update(nce=nce.detach(), nce_grad_a=a.grad, nce_grad_b=b.grad)
+
     a.grad = None
-    mil = losses.mil_nce_loss(a, bags, mask, SCALE)
+    mil = losses.mil_nce_loss(a, bags, batch["mask"], SCALE)
     mil.backward()
     out.update(mil=mil.detach(), mil_grad_anchors=a.grad, mil_grad_bags=bags.grad)
+
+    model = towers()
+    v = F.normalize(model["video"](batch["video"]), dim=-1)
+    au = F.normalize(model["audio"](batch["audio"]), dim=-1)
+    chunks = F.normalize(model["audio"](batch["chunks"]), dim=-1)  # (B, K, IN) -> (B, K, D)
+    s = model["temperature"]()
+    (losses.nce_loss(v, au, s) + losses.mil_nce_loss(v, chunks, batch["mask"], s)).backward()
+    out["tower_grads"] = {name: p.grad for name, p in model.named_parameters()}
     return out
 
 
-def rank_worker():
-    ddp, rank, _, world = training.setup_distributed("cpu")
-    assert ddp and world == WORLD
-    rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)  # this rank's share of the global batch
-    return losses_and_grads(*(x[rows] for x in global_batch()))
+def ddp_average(grads):
+    """What DistributedDataParallel does to parameter gradients: the mean over ranks."""
+    for g in grads.values():
+        dist.all_reduce(g)
+        g /= dist.get_world_size()
+    return grads
+
+
+def gather_keeping_only_local_gradient(x):
+    """The tempting wrong gather: all_gather, then put the local tensor back in its slot, so
+    the gradient the other ranks' losses put on our features is dropped."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+def rank_main(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # two processes on a small machine
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    try:
+        rows = slice(rank * B, (rank + 1) * B)  # this rank's share of the global batch
+        local = {k: v[rows] for k, v in global_batch().items()}
+        out = measure(local)
+        out["tower_grads"] = ddp_average(out["tower_grads"])
+        right_gather = losses.gather_with_grad
+        losses.gather_with_grad = gather_keeping_only_local_gradient
+        try:
+            out["tower_grads_local_only"] = ddp_average(measure(local)["tower_grads"])
+        finally:
+            losses.gather_with_grad = right_gather
+    finally:
+        dist.destroy_process_group()
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def two_ranks():
-    return training.launch_local(rank_worker, world_size=WORLD)
+def two_ranks(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("ranks")
+    torch.multiprocessing.spawn(rank_main, args=(free_port(), str(out_dir)), nprocs=WORLD)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
 def one_process():
-    return losses_and_grads(*global_batch())
+    return measure(global_batch())
 
 
-def test_gathered_nce_loss_averages_to_the_full_batch_loss(two_ranks, one_process):
-    mean = sum(r["nce"] for r in two_ranks) / WORLD
-    assert torch.allclose(mean, one_process["nce"], atol=1e-6)
+@pytest.mark.parametrize("name", ["nce", "mil"])
+def test_rank_losses_average_to_the_full_batch_loss(two_ranks, one_process, name):
+    mean = sum(r[name] for r in two_ranks) / WORLD
+    assert mean.item() == pytest.approx(one_process[name].item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("name", ["nce_grad_a", "nce_grad_b", "mil_grad_anchors", "mil_grad_bags"])
-def test_local_slice_gets_the_full_batch_gradient(two_ranks, one_process, name):
+def test_each_rank_gets_world_times_the_full_batch_gradient_of_its_own_features(two_ranks, one_process, name):
     for rank, r in enumerate(two_ranks):
-        expected = WORLD * one_process[name][rank * B_LOCAL:(rank + 1) * B_LOCAL]
-        assert r[name] is not None and r[name].abs().sum() > 0
-        assert torch.allclose(r[name], expected, atol=1e-5), (rank, name)
+        expected = WORLD * one_process[name][rank * B:(rank + 1) * B]
+        assert expected.abs().max() > 1e-3  # the comparison is not between zeros
+        torch.testing.assert_close(r[name], expected, atol=1e-5, rtol=1e-4)
 
 
-def test_gathered_mil_nce_on_padded_bags_averages_to_the_full_batch_loss(two_ranks, one_process):
-    mean = sum(r["mil"] for r in two_ranks) / WORLD
-    assert torch.allclose(mean, one_process["mil"], atol=1e-6)
+def test_ddp_averaged_parameter_gradients_equal_the_full_batch_gradient(two_ranks, one_process):
+    for r in two_ranks:
+        for name, expected in one_process["tower_grads"].items():
+            torch.testing.assert_close(r["tower_grads"][name], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_gather_keeping_only_the_local_gradient_would_not_match(two_ranks, one_process):
+    """The check above can tell: without the other ranks' share the gradients differ."""
+    got = two_ranks[0]["tower_grads_local_only"]
+    assert any(not torch.allclose(got[name], expected, atol=1e-4, rtol=1e-3)
+               for name, expected in one_process["tower_grads"].items())
