@@ -121,6 +121,10 @@ def read_video_frames(path, num_frames):
                 for frame in decoder:
                     position = frame.pts
                     if frame.pts is not None and frame.pts >= target:
+                        if frame.pts != target:
+                            # the wanted frame never came out: the seek landed past it (MPEG-TS
+                            # seeks are approximate and can skip a whole key-frame interval)
+                            return _read_in_order(path, wanted)
                         frames[target] = frame.to_ndarray(format="rgb24")
                         break
                 else:
@@ -130,6 +134,29 @@ def read_video_frames(path, num_frames):
         return torch.from_numpy(np.stack([frames[t] for t in wanted]))
     finally:
         container.close()
+
+
+def _read_in_order(path, wanted):
+    """One decoding pass from the start, converting only the frames at the `wanted` times
+    (each the first frame at or after its time): the fallback where seeking is not exact."""
+    container = _open(path)
+    targets, frames = sorted(set(wanted)), {}
+    try:
+        for frame in container.decode(video=0):
+            hits = [t for t in targets if frame.pts is not None and t <= frame.pts]
+            if hits:
+                image = frame.to_ndarray(format="rgb24")
+                frames.update((t, image) for t in hits)
+                targets = targets[len(hits):]
+            if not targets:
+                break
+    except av.FFmpegError as e:
+        raise MediaError(path, f"decoding failed ({type(e).__name__})") from None
+    finally:
+        container.close()
+    if targets:
+        raise MediaError(path, "frames missing at the end")
+    return torch.from_numpy(np.stack([frames[t] for t in wanted]))
 
 
 def read_video_frames_decode_all(path, num_frames):
