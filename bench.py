@@ -27,18 +27,25 @@ import torch
 import model as M
 
 
-def timeit(fn, repeats, warmup=1, sync=lambda: None):
-    """Median seconds of fn() over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
+def compare(fns, repeats, warmup=1, sync=lambda: None):
+    """Median seconds of each fn in `fns` (name -> callable), run in turns (a, b, a, b, ...)
+    so that drift in the machine's speed hits every candidate alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync()
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def timeit(fn, repeats, warmup=1, sync=lambda: None):
+    return compare({"fn": fn}, repeats, warmup, sync)["fn"]
 
 
 def syncer(device):
@@ -81,8 +88,9 @@ def encoder_forward_flops(vcfg, batch):
     return batch * T * (vcfg.layers * per_layer + patch)
 
 
-def matmul_peak(device, dtype, n=2048, repeats=5):
+def matmul_peak(device, dtype, n=None, repeats=5):
     """FLOP/s of a large square matmul on this device: the peak the MFU is measured against."""
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n ** 3 / timeit(lambda: a @ b, repeats, warmup=2, sync=syncer(device))
@@ -114,11 +122,14 @@ def bench_qformer_step(net, device, dtype, batch, repeats):
         for p in params:
             p.grad = None
 
+    def with_impl(impl):
+        def run():
+            M.set_attention_impl(net, impl)
+            step()
+        return run
+
     net.train()
-    out = {}
-    for impl in ("plain", "sdpa"):
-        M.set_attention_impl(net, impl)
-        out[impl] = timeit(step, repeats, sync=syncer(device))
+    out = compare({"plain": with_impl("plain"), "sdpa": with_impl("sdpa")}, repeats, sync=syncer(device))
     M.set_attention_impl(net, "sdpa")
     flops = qformer_step_flops(cfg, batch, ids.size(1), v.size(1) + a.size(1))
     return out, flops
@@ -145,10 +156,33 @@ def bench_cached_step(net, device, dtype, batch, repeats):
         for p in params:
             p.grad = None
 
-    sync = syncer(device)
-    recompute = timeit(lambda: step(video=video, audio=audio), repeats, sync=sync)
-    cached = timeit(lambda: step(video_tokens=vt, audio_tokens=at), repeats, sync=sync)
-    return recompute, cached
+    t = compare({"recompute": lambda: step(video=video, audio=audio),
+                 "cached": lambda: step(video_tokens=vt, audio_tokens=at)}, repeats, sync=syncer(device))
+    return t["recompute"], t["cached"]
+
+
+def bench_compile(net, device, dtype, batch, repeats):
+    """Q-Former training step: eager vs torch.compile (the --compile flag of the scripts);
+    compilation happens in the warm-up and is timed apart."""
+    cfg = net.cfg
+    v, a, ids = paper_batch(cfg, batch, device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    compiled = torch.compile(net)
+
+    def step(m):
+        with autocast(device, dtype):
+            _, loss = m(captions=ids, video_tokens=v, audio_tokens=a)
+        loss.backward()
+        for p in params:
+            p.grad = None
+
+    net.train()
+    t0 = time.perf_counter()
+    step(compiled)
+    syncer(device)()
+    compile_s = time.perf_counter() - t0
+    t = compare({"eager": lambda: step(net), "compiled": lambda: step(compiled)}, repeats, sync=syncer(device))
+    return t["eager"], t["compiled"], compile_s
 
 
 def bench_kv_cache(net, device, dtype, batch, repeats, tokens=30):
@@ -159,10 +193,8 @@ def bench_kv_cache(net, device, dtype, batch, repeats, tokens=30):
         gen = lambda use_cache: net.generate(video_tokens=v, audio_tokens=a, max_length=tokens,
                                              min_length=tokens, use_cache=use_cache)
         same = torch.equal(gen(True), gen(False))
-        sync = syncer(device)
-        slow = timeit(lambda: gen(False), repeats, sync=sync)
-        fast = timeit(lambda: gen(True), repeats, sync=sync)
-    return slow, fast, same
+        t = compare({"slow": lambda: gen(False), "fast": lambda: gen(True)}, repeats, sync=syncer(device))
+    return t["slow"], t["fast"], same
 
 
 def bench_decode(repeats):
@@ -173,9 +205,9 @@ def bench_decode(repeats):
         for seconds in (10, 60):
             path = os.path.join(tmp, f"clip{seconds}.mp4")
             data.write_test_clip(path, seconds=seconds, width=1280, height=720)
-            ours = timeit(lambda: (data.read_video_frames(path, 8), data.read_audio(path)), repeats)
-            every = timeit(lambda: (data.read_video_frames_decode_all(path, 8), data.read_audio(path)), repeats)
-            out[seconds] = (every, ours)
+            t = compare({"every": lambda: (data.read_video_frames_decode_all(path, 8), data.read_audio(path)),
+                         "ours": lambda: (data.read_video_frames(path, 8), data.read_audio(path))}, repeats)
+            out[seconds] = (t["every"], t["ours"])
     return out
 
 
@@ -184,7 +216,8 @@ def main():
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
     p.add_argument("--batch", type=int, default=0, help="batch for the step rows (default: 2 on CPU, 16 on CUDA)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
-    p.add_argument("--only", default="", help="comma-separated rows: qformer-step,cached-step,kv-cache,decode")
+    p.add_argument("--only", default="", help="comma-separated rows: qformer-step,compile,cached-step,kv-cache,decode "
+                                             "(compile runs by default on CUDA only)")
     p.add_argument("--out", default="out/bench.json", help="where the JSON goes")
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -219,10 +252,20 @@ def main():
             rows.append((f"mfu {name}", f"matmul peak {peak / 1e9:.0f} GFLOP/s",
                          f"step {achieved / 1e9:.0f} GFLOP/s", f"{achieved / peak:.0%}",
                          f"faster path: {min(times, key=times.get)}"))
+    if want("compile") and (device.type == "cuda" or "compile" in only):
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        eager, compiled, compile_s = bench_compile(net, device, dtype, batch, args.repeats)
+        row("compile qformer-step", "eager", eager, "torch.compile", compiled,
+            f"{str(dtype).replace('torch.', '')}, compiling took {compile_s:.0f} s")
     if want("cached-step"):
         cb = 1 if device.type == "cpu" else batch
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        if dtype == torch.bfloat16:  # frozen encoders held in bf16, as the training scripts do on GPU
+            net.video_encoder.to(dtype)
+            net.audio_encoder.to(dtype)
         recompute, cached = bench_cached_step(net, device, dtype, cb, args.repeats)
+        net.video_encoder.float()
+        net.audio_encoder.float()
         row("cached-step", "recompute encoders", recompute, "cached features", cached,
             f"batch {cb}, {str(dtype).replace('torch.', '')}")
         flops_ratio = (encoder_forward_flops(cfg.video, 1) + encoder_forward_flops(cfg.audio, 1)

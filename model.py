@@ -562,7 +562,14 @@ class UniQ4Cap(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, CLIPEmbeddings):
-            nn.init.normal_(m.class_embedding, std=0.02)
+            # CLIP's own scale (width^-0.5), not BERT's 0.02: a randomly initialised tower
+            # (tiny preset, stage 1 from scratch) must still tell its tokens' positions apart
+            std = m.class_embedding.size(-1) ** -0.5
+            nn.init.normal_(m.class_embedding, std=std)
+            nn.init.normal_(m.position_embedding.weight, std=std)
+        elif isinstance(m, CLIPLayer) and m.temporal:
+            # likewise the frame a token comes from: without it the direction of motion is lost
+            nn.init.normal_(m.temporal_embedding, std=m.temporal_embedding.size(-1) ** -0.5)
 
     def encoder_parameters(self):
         return [*self.video_encoder.parameters(), *self.audio_encoder.parameters()]

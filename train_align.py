@@ -192,6 +192,10 @@ def main(argv=None):
     log = T.MetricsLogger(os.path.join(args.out_dir, "metrics.jsonl"))
     tracker = data.SkipTracker(args.max_skip_fraction)
     stream = T.batches_forever(train_set, loader_fn, sampler, args.batch_size, position, tracker)
+    # contrastive pairs need both modalities: a batch with fewer than two such clips teaches
+    # nothing (clips without audio are still counted by the tracker)
+    stream = (b for b in stream if b["audio"] is not None and b["video"] is not None
+              and int((b["audio_mask"] & b["video_mask"]).sum()) >= 2)
 
     def loss_fn(batch):
         keep = batch["audio_mask"] & batch["video_mask"]  # pairs need both modalities
