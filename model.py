@@ -112,9 +112,11 @@ def tiny_config(vocab_size=1000):
                            embed_dim=64),
         audio=VisionConfig(image_size=(32, 128), patch_size=8, width=64, layers=2, heads=4,
                            mlp_dim=256, num_frames=1, temporal=False, embed_dim=64),
-        qformer=QFormerConfig(vocab_size=vocab_size, hidden=64, layers=2, heads=4,
-                              intermediate=256, max_positions=64, encoder_width=96,
-                              num_query_tokens=8, proj_dim=32,
+        # cross-attention in every layer (the paper: every second of 12): with only two
+        # layers, one reading of the memory let the audio tokens crowd out the video ones
+        qformer=QFormerConfig(vocab_size=vocab_size, hidden=128, layers=2, heads=8,
+                              intermediate=512, max_positions=64, encoder_width=96,
+                              cross_attention_freq=1, num_query_tokens=16, proj_dim=32,
                               pad_token_id=0, sep_token_id=3, bos_token_id=5),
     )
 

@@ -35,8 +35,9 @@ def get_args(argv=None):
     p.add_argument("--preset", default="tiny", choices=sorted(M.PRESETS), help="model size")
     p.add_argument("--modalities", default="video+audio", choices=sorted(MODALITIES),
                    help="what the model reads, in training and evaluation")
-    p.add_argument("--modality-dropout", type=float, default=0.0,
-                   help="probability of hiding a clip's audio (or, half as often, its video) in training")
+    p.add_argument("--modality-dropout", type=float, default=0.3,
+                   help="probability of hiding a clip's audio (or, half as often, its video) in training; "
+                        "without it the tiny model learns the audio facts and ignores the frames")
     p.add_argument("--align-dir", default="out/align", help="where train_align.py left video.pth / audio.pth")
     p.add_argument("--video-encoder", default=None, help="video encoder file (LanguageBind HF file or video.pth)")
     p.add_argument("--audio-encoder", default=None, help="audio encoder file (LanguageBind HF file or audio.pth)")
