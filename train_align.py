@@ -142,11 +142,7 @@ def save_encoders(aligner, out_dir):
 
 def main(argv=None):
     args = get_args(argv)
-    ddp, rank, local_rank, world = T.setup_distributed(args.device)
-    device = T.setup_device(args.device, local_rank)
-    dtype = T.resolve_dtype(args.dtype, device)
-    ctx = T.autocast_context(device, dtype)
-    T.seed_everything(args.seed, rank)
+    ddp, rank, local_rank, world, device, dtype, ctx = T.setup_run(args)
     cfg = M.PRESETS[args.preset]()
     mode = args.train or ("all" if args.preset == "tiny" else "last-k")
 

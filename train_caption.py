@@ -135,11 +135,7 @@ def save_model(path, net, tokenizer, encoders, step, scores):
 
 def main(argv=None):
     args = get_args(argv)
-    ddp, rank, local_rank, world = T.setup_distributed(args.device)
-    device = T.setup_device(args.device, local_rank)
-    dtype = T.resolve_dtype(args.dtype, device)
-    ctx = T.autocast_context(device, dtype)
-    T.seed_everything(args.seed, rank)
+    ddp, rank, local_rank, world, device, dtype, ctx = T.setup_run(args)
     data_dir, anns = T.resolve_data_paths(args)
     train_records = data.load_annotations(anns["train"], args.caption_field)
     tokenizer = build_tokenizer(args, train_records, args.out_dir)

@@ -114,6 +114,16 @@ def setup_distributed(device_name="auto"):
     return True, rank, local_rank, world
 
 
+def setup_run(args):
+    """What every training script does first: processes, device, precision, seeds.
+    Returns (ddp, rank, local_rank, world, device, dtype, autocast context)."""
+    ddp, rank, local_rank, world = setup_distributed(args.device)
+    device = setup_device(args.device, local_rank)
+    dtype = resolve_dtype(args.dtype, device)
+    seed_everything(args.seed, rank)
+    return ddp, rank, local_rank, world, device, dtype, autocast_context(device, dtype)
+
+
 def cleanup_distributed(ddp=True):
     if ddp and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
