@@ -989,11 +989,10 @@ def map_encoder(encoder: VisionTransformer, sd, source, ignore_prefixes=()):
     return assign(encoder, out, source, fresh=("visual_projection.weight",))
 
 
-def load_languagebind(encoder: VisionTransformer, path):
+def map_languagebind(encoder: VisionTransformer, sd, source="pytorch_model.bin"):
     """LanguageBind's HF checkpoint, `pytorch_model.bin` of `LanguageBind_Video_FT` or
     `LanguageBind_Audio_FT`: `vision_model.*` and `visual_projection.weight` are read; the text
     tower (`text_model.*`, `text_projection.weight`, `logit_scale`) is not needed."""
-    sd = read_state_dict(path)
     vision = {}
     for k, t in sd.items():
         if k.startswith("vision_model."):
@@ -1001,8 +1000,13 @@ def load_languagebind(encoder: VisionTransformer, path):
         elif k == "visual_projection.weight":
             vision[k] = t
         elif not (k.startswith("text_model.") or k in ("text_projection.weight", "logit_scale")):
-            raise KeyError(f"{path}: unexpected key '{k}'")
-    return map_encoder(encoder, vision, path)
+            raise KeyError(f"{source}: unexpected key '{k}'")
+    return map_encoder(encoder, vision, source)
+
+
+def load_languagebind(encoder: VisionTransformer, path):
+    """`LanguageBind_Video_FT/pytorch_model.bin` or `LanguageBind_Audio_FT/pytorch_model.bin`."""
+    return map_languagebind(encoder, read_state_dict(path), path)
 
 
 def load_encoder(encoder: VisionTransformer, path):
@@ -1010,6 +1014,15 @@ def load_encoder(encoder: VisionTransformer, path):
     LanguageBind's vision names without the `vision_model.` prefix (video in the Conv3d /
     per-frame class variant). `train_align.py` writes its encoders in the same format."""
     return map_encoder(encoder, read_state_dict(path), path)
+
+
+def load_any_encoder(encoder: VisionTransformer, path):
+    """Either encoder format, told apart by LanguageBind's `vision_model.` prefix; the file is
+    read once."""
+    sd = read_state_dict(path)
+    if any(k.startswith("vision_model.") for k in sd):
+        return map_languagebind(encoder, sd, path)
+    return map_encoder(encoder, sd, path)
 
 
 def _bert_name(k):
@@ -1120,11 +1133,7 @@ def load_pretrained(model: "UniQ4Cap", video=None, audio=None, bert=None, blip2=
     checkpoint (which replaces everything but the encoders)."""
     for path, encoder in ((video, model.video_encoder), (audio, model.audio_encoder)):
         if path is not None:
-            sd = read_state_dict(path)
-            if any(k.startswith("vision_model.") for k in sd):
-                load_languagebind(encoder, path)
-            else:
-                map_encoder(encoder, sd, path)
+            load_any_encoder(encoder, path)
     if bert is not None:
         load_bert(model, bert)
     if blip2 is not None:

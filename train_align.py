@@ -149,11 +149,7 @@ def main(argv=None):
     aligner = Aligner(cfg)
     for path, enc in ((args.video_init, aligner.video_encoder), (args.audio_init, aligner.audio_encoder)):
         if path:
-            sd = M.read_state_dict(path)
-            if any(k.startswith("vision_model.") for k in sd):
-                M.load_languagebind(enc, path)
-            else:
-                M.map_encoder(enc, sd, path)
+            M.load_any_encoder(enc, path)
     set_trainable(aligner, mode, args.last_k)
     aligner.video_encoder.patch_dropout = args.patch_dropout
     aligner.to(device)
