@@ -22,6 +22,7 @@ from dataclasses import asdict
 
 import torch
 
+import cache
 import data
 import metrics
 import model as M
@@ -49,7 +50,9 @@ def get_args(argv=None):
     p.add_argument("--eval-max", type=int, default=0, help="clips per validation (0: all)")
     p.add_argument("--decode", default="greedy", choices=["greedy", "beam", "sample"], help="decoding for evaluation")
     p.add_argument("--cache-features", action="store_true",
-                   help="compute the frozen encoders once per clip and train from the cached outputs")
+                   help="compute the frozen encoders once per clip (evaluation preprocessing: no flip, middle "
+                        "audio chunks) and train and evaluate from their fp16 outputs on disk (cache.py)")
+    p.add_argument("--cache-dir", default="out/cache", help="where --cache-features keeps the encoder outputs")
     p.add_argument("--max-caption-len", type=int, default=30, help="generated tokens at most ([SEP] included)")
     p.add_argument("--out-dir", default="out/caption", help="checkpoints and metrics")
     T.add_data_args(p)
@@ -93,9 +96,16 @@ def hide_modalities(batch, p):
     return batch
 
 
-def model_inputs(batch, device):
-    return {k: (batch[k].to(device, non_blocking=True) if batch[k] is not None else None)
-            for k in ("video", "audio", "video_mask", "audio_mask")}
+def model_inputs(batch, device, cached=False):
+    """The batch as keyword arguments of the model. From a feature cache, batch["video"] and
+    batch["audio"] hold fp16 encoder outputs, which the model takes as *_tokens."""
+    out = {k: (batch[k].to(device, non_blocking=True) if batch[k] is not None else None)
+           for k in ("video", "audio", "video_mask", "audio_mask")}
+    if cached:
+        for k in ("video", "audio"):
+            t = out.pop(k)
+            out[f"{k}_tokens"] = None if t is None else t.float()
+    return out
 
 
 @torch.no_grad()
@@ -110,7 +120,7 @@ def evaluate(net, dataset, tokenizer, device, ctx, args, limit=0):
     preds, refs, records = {}, {}, []
     for batch in loader:
         with ctx:
-            ids = net.generate(**model_inputs(batch, device), method=args.decode, max_length=args.max_caption_len)
+            ids = net.generate(**model_inputs(batch, device, args.cache_features), method=args.decode, max_length=args.max_caption_len)
         for rec, row in zip(batch["records"], ids.cpu()):
             preds[rec["id"]] = tokenizer.decode(row)
             refs[rec["id"]] = [rec[args.caption_field]]
@@ -175,10 +185,18 @@ def main(argv=None):
     optimizer = T.make_optimizer(net, args.lr, args.weight_decay, device_type=device.type)
 
     media = data.MediaConfig.from_model(cfg)
-    train_set = data.AVCaptionDataset(anns["train"], data_dir, media, args.caption_field, train=True,
-                                      modalities=args.modalities, seed=args.seed)
+    train_set = data.AVCaptionDataset(anns["train"], data_dir, media, args.caption_field,
+                                      train=not args.cache_features, modalities=args.modalities, seed=args.seed)
     val_set = data.AVCaptionDataset(anns["val"], data_dir, media, args.caption_field, modalities=args.modalities)
     test_set = data.AVCaptionDataset(anns["test"], data_dir, media, args.caption_field, modalities=args.modalities)
+    if args.cache_features:
+        # from here on the datasets yield encoder outputs instead of pixels and spectrograms
+        sets = {"train": train_set, "val": val_set, "test": test_set}
+        fingerprint = cache.encoder_fingerprint(net, args.modalities, dtype)
+        for split, dataset in sets.items():
+            sets[split] = cache.FeatureCache(args.cache_dir, dataset, cfg, fingerprint)
+            sets[split].build(net, device, ctx, args.batch_size, args.num_workers, rank, world, f"cache {split}")
+        train_set, val_set, test_set = sets["train"], sets["val"], sets["test"]
     sampler = T.EpochSampler(len(train_set), args.seed, rank, world)
     loader_fn = lambda: T.make_loader(train_set, args.batch_size, sampler, args.num_workers, data.collate)
 
@@ -201,7 +219,8 @@ def main(argv=None):
         batch = hide_modalities(batch, args.modality_dropout)
         ids, mask = tokenizer.encode(batch["captions"], cfg.max_text_len)
         with ctx:
-            _, loss = model(captions=ids.to(device), caption_mask=mask.to(device), **model_inputs(batch, device))
+            _, loss = model(captions=ids.to(device), caption_mask=mask.to(device),
+                            **model_inputs(batch, device, args.cache_features))
         return loss
 
     eval_every = args.eval_every or max(1, args.max_steps // 4)

@@ -46,6 +46,16 @@ def test_resume_from_a_missing_checkpoint_is_an_error(clips, tmp_path):
         train_align.main(common(clips, str(tmp_path), 2) + ["--resume", str(tmp_path / "nothing.pt")])
 
 
+def test_stage2_trains_from_the_feature_cache(clips, tmp_path):
+    args = common(clips, str(tmp_path / "caption"), 2) + ["--eval-every", "2", "--eval-max", "2", "--cache-features",
+                                                          "--cache-dir", str(tmp_path / "cache"),
+                                                          "--align-dir", str(tmp_path / "no-stage-1")]
+    losses = train_caption.main(args)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert len(os.listdir(tmp_path / "cache")) == 3  # train, val and test
+    assert os.path.exists(tmp_path / "caption" / "metrics.json")
+
+
 def run_sample(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -1,0 +1,219 @@
+"""The frozen-feature cache for stage 2 (`train_caption.py --cache-features`).
+
+In stage 2 the encoders are frozen, so with evaluation-mode preprocessing (no flip, the
+middle audio chunks) a clip's encoder outputs never change: they are computed once, stored
+on disk in fp16, and training then runs only the Q-Former. At the paper's shapes the frozen
+encoders are most of a step's FLOPs, so this is the largest speed-up stage 2 has; the price
+is the training augmentation (random flip, random audio chunk), which a cache cannot keep.
+
+Layout, one folder per (encoder weights, preprocessing, modalities, clip list):
+
+    <root>/<key>/video.npy   (N, Nv, Dv) fp16, memory-mapped   Nv = frames * (patches + 1)
+    <root>/<key>/audio.npy   (N, Na, Da) fp16, memory-mapped
+    <root>/<key>/state.npy   (N,) int8: TODO, OK, NO_AUDIO or UNREADABLE
+    <root>/<key>/files.npy   (N, 2) int64: the (size, mtime_ns) each entry was computed from
+    <root>/<key>/errors-<rank>.json   why the unreadable clips failed
+
+`key` hashes everything the features depend on except the media files themselves; each
+entry also remembers the file it was computed from, and an entry whose file changed since is
+computed again. Entries are written as they are computed, so an interrupted build loses
+nothing: the next run finishes what is missing.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+import training as T
+
+VERSION = 1  # bump when the layout or what an entry means changes
+TODO, OK, NO_AUDIO, UNREADABLE = 0, 1, 2, 3
+
+
+def file_identity(path):
+    """(size, mtime_ns) of a media file, or (-1, -1) when it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
+
+
+def encoder_fingerprint(net, modalities, dtype):
+    """sha256 over the frozen encoders a cache depends on: every parameter and buffer
+    (name, shape, dtype, bytes), and the dtype the features are computed in. Computed once
+    per run and handed to each split's FeatureCache."""
+    h = hashlib.sha256(f"v{VERSION} {dtype}".encode())
+    towers = {"video": net.video_encoder, "audio": net.audio_encoder}
+    for name in ("video", "audio"):
+        if name not in modalities:
+            continue
+        for k, t in sorted(towers[name].state_dict().items()):
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{name}.{k} {tuple(t.shape)} {t.dtype}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cache_key(encoders, media, modalities, ids):
+    """The folder name: encoders' fingerprint, preprocessing config, modalities, clip list."""
+    spec = json.dumps({"version": VERSION, "encoders": encoders, "media": asdict(media),
+                       "modalities": modalities, "ids": ids}, sort_keys=True)
+    return hashlib.sha256(spec.encode()).hexdigest()[:20]
+
+
+class FeatureCache(torch.utils.data.Dataset):
+    """The encoder outputs of an evaluation-mode `data.AVCaptionDataset`, as a dataset whose
+    items look like that dataset's but carry tokens instead of pixels: item["video"] is
+    (Nv, Dv) and item["audio"] (Na, Da), in fp16, so `data.collate` stacks them unchanged and
+    the model takes them as `video_tokens` / `audio_tokens`. One row per media file: records
+    that share a clip (several captions of one video) share its row."""
+
+    def __init__(self, root, dataset: data.AVCaptionDataset, cfg, fingerprint):
+        if dataset.train:
+            raise ValueError("a feature cache needs evaluation-mode preprocessing (train=False): "
+                             "training augmentation would be frozen into the cache")
+        if cfg.frozen_patch_dropout:
+            raise ValueError("frozen_patch_dropout makes the encoder outputs random: they cannot be cached")
+        self.dataset = dataset
+        self.modalities = [m for m in ("video", "audio") if m in dataset.modalities]
+        first = {}  # clip id -> its first record
+        for i, r in enumerate(dataset.records):
+            first.setdefault(r["id"], i)
+        self.clips = list(first)
+        self.first_record = list(first.values())
+        row_of = {c: k for k, c in enumerate(self.clips)}
+        self.row = [row_of[r["id"]] for r in dataset.records]  # record -> cache row
+        self.dir = os.path.join(root, cache_key(fingerprint, dataset.media, dataset.modalities, self.clips))
+        n = len(self.clips)
+        self.shapes = {"video": (n, cfg.video.num_frames * cfg.video.tokens_per_frame, cfg.video.width),
+                       "audio": (n, cfg.audio.tokens_per_frame, cfg.audio.width)}
+        self._arrays = None  # opened lazily, once per process (data loader workers included)
+
+    def path(self, name):
+        return os.path.join(self.dir, f"{name}.npy")
+
+    def media_path(self, row):
+        return os.path.join(self.dataset.data_dir, f"{self.clips[row]}.mp4")
+
+    def _create(self):
+        """Make the files (sparse: no disk is used until entries are written)."""
+        os.makedirs(self.dir, exist_ok=True)
+        n = len(self.clips)
+        specs = {"state": ((n,), np.int8), "files": ((n, 2), np.int64),
+                 **{m: (self.shapes[m], np.float16) for m in self.modalities}}
+        for name, (shape, dtype) in specs.items():
+            if not os.path.exists(self.path(name)):
+                tmp = self.path(name) + ".tmp"
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
+                os.replace(tmp, self.path(name))
+
+    def _open(self):
+        if self._arrays is None:
+            names = ["state", "files", *self.modalities]
+            self._arrays = {k: np.load(self.path(k), mmap_mode="r+") for k in names}
+        return self._arrays
+
+    def stale(self):
+        """Rows never computed, or computed from a file that has changed since."""
+        a = self._open()
+        now = np.array([file_identity(self.media_path(k)) for k in range(len(self.clips))], dtype=np.int64)
+        changed = (a["files"] != now).any(axis=1)
+        return np.flatnonzero((a["state"] == TODO) | changed).tolist()
+
+    @torch.no_grad()
+    def build(self, net, device, ctx, batch_size, num_workers=0, rank=0, world=1, desc="cache"):
+        """Compute the missing rows; each rank takes every world-th one. Returns how many rows
+        were computed (by all ranks) once the cache is complete. Rows are flushed batch by
+        batch, so an interrupted build keeps what it wrote."""
+        if rank == 0:
+            self._create()
+        if dist.is_initialized():
+            dist.barrier()
+        todo = self.stale()
+        if not todo:
+            return 0
+        mine = todo[rank::world]
+        T.print0(f"{desc}: computing the encoder outputs of {len(todo)} of {len(self.clips)} clips into {self.dir}")
+        a, errors = self._open(), self.errors()
+        was_training = net.training
+        net.eval()
+        chunks = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]  # cache rows
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=[[self.first_record[k] for k in c] for c in chunks],
+                                             num_workers=num_workers, collate_fn=data.collate)
+        bar = T.progress(len(mine), desc)
+        for rows, batch in zip(chunks, loader):
+            with ctx:
+                v, au = net.encode(None if batch["video"] is None else batch["video"].to(device),
+                                   None if batch["audio"] is None else batch["audio"].to(device))
+            read = set(batch["ids"])
+            good = [k for k in rows if self.clips[k] in read]  # collate keeps the order
+            bad = [k for k in rows if self.clips[k] not in read]
+            for j, k in enumerate(good):
+                no_audio = batch["audio_mask"] is not None and not batch["audio_mask"][j]
+                if v is not None:
+                    a["video"][k] = v[j].float().cpu().numpy()
+                if au is not None and not no_audio:
+                    a["audio"][k] = au[j].float().cpu().numpy()
+                a["state"][k] = NO_AUDIO if no_audio else OK
+            for k, (_, reason) in zip(bad, batch["skipped"]):
+                errors[self.clips[k]] = reason
+                a["state"][k] = UNREADABLE
+            for k in rows:
+                a["files"][k] = file_identity(self.media_path(k))
+            for arr in a.values():
+                arr.flush()
+            if errors:
+                T.write_json(os.path.join(self.dir, f"errors-{rank}.json"), errors)
+            bar.update(len(rows))
+        bar.close()
+        net.train(was_training)
+        if dist.is_initialized():
+            dist.barrier()
+        return len(todo)
+
+    def errors(self):
+        """clip id -> why it could not be read, from every rank's build."""
+        out = {}
+        for f in sorted(os.listdir(self.dir)):
+            if f.startswith("errors-") and f.endswith(".json"):
+                with open(os.path.join(self.dir, f)) as fh:
+                    out.update(json.load(fh))
+        return out
+
+    # -- the dataset ------------------------------------------------------------------------
+
+    @property
+    def records(self):
+        return self.dataset.records
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def set_epoch(self, epoch):
+        pass  # nothing random is left to draw
+
+    def __getitem__(self, i):
+        a = self._open()
+        rec, k = self.dataset.records[i], self.row[i]
+        state = int(a["state"][k])
+        if state == TODO:
+            raise RuntimeError(f"{self.dir}: clip {rec['id']} was never computed; call build() first")
+        if state == UNREADABLE:
+            reason = self.errors().get(rec["id"], "unreadable when the cache was built")
+            return {"id": rec["id"], "error": (self.media_path(k), reason)}
+        item = {"id": rec["id"], "caption": rec[self.dataset.caption_field], "record": rec,
+                "path": self.media_path(k)}
+        if "video" in self.modalities:
+            item["video"] = torch.from_numpy(np.array(a["video"][k]))  # a copy out of the map
+        if "audio" in self.modalities:
+            item["audio_missing"] = state == NO_AUDIO
+            if state == OK:
+                item["audio"] = torch.from_numpy(np.array(a["audio"][k]))
+        return item
