@@ -9,6 +9,9 @@ Rows:
   decode          8 frames + audio from 10 s and 60 s 720p H.264 clips: our decoder (seeking)
                   vs decoding every frame
   mfu             achieved FLOP/s of the training step vs the matmul peak measured in this run
+                  (the Q-Former step is the whole stage-2 step when features are cached)
+  cache-read      batches read from a feature cache at the paper's shapes, cold and from the
+                  page cache, vs the cached-feature step they feed (>= 1x: the loader keeps pace)
 
     python bench.py                       # everything on the CPU (and CUDA if present)
     python bench.py --only qformer-step --device cuda --batch 16
@@ -130,7 +133,7 @@ def bench_qformer_step(net, device, dtype, batch, repeats):
 
     net.train()
     out = compare({"plain": with_impl("plain"), "sdpa": with_impl("sdpa")}, repeats, sync=syncer(device))
-    M.set_attention_impl(net, "sdpa")
+    M.set_attention_impl(net, "auto")
     flops = qformer_step_flops(cfg, batch, ids.size(1), v.size(1) + a.size(1))
     return out, flops
 
@@ -197,6 +200,50 @@ def bench_kv_cache(net, device, dtype, batch, repeats, tokens=30):
     return t["slow"], t["fast"], same
 
 
+def bench_cache_read(cfg, batch, clips=64, workers=2):
+    """Batches of `batch` clips read from a feature cache at the paper's shapes ((2056 + 593) x
+    1024 fp16 = 5.4 MB a clip) through the training loader: from the page cache, and cold
+    (the files' pages evicted first). Returns seconds per batch and bytes per clip."""
+    import json as _json
+
+    import cache
+    import data
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "ann.json"), "w") as f:
+            _json.dump([{"id": f"clip{i:04d}", "caption": "a clip"} for i in range(clips)], f)
+        ds = data.AVCaptionDataset(os.path.join(tmp, "ann.json"), tmp, data.MediaConfig.from_model(cfg))
+        fc = cache.FeatureCache(os.path.join(tmp, "cache"), ds, cfg, fingerprint="bench")
+        fc.create()
+        a = fc.arrays()
+        g = torch.Generator().manual_seed(0)
+        for name in fc.modalities:  # random features stand in for encoder outputs
+            for i in range(clips):
+                a[name][i] = torch.randn(a[name].shape[1:], generator=g).half().numpy()
+        a["state"][:] = cache.OK
+        for arr in a.values():
+            arr.flush()
+        fc._arrays = None
+
+        def read_all(cold):
+            if cold:  # evict the cache files from the page cache (they are clean after flush)
+                for name in fc.modalities:
+                    fd = os.open(fc.path(name), os.O_RDONLY)
+                    os.fsync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.close(fd)
+            loader = torch.utils.data.DataLoader(fc, batch_size=batch, num_workers=workers, collate_fn=data.collate)
+            t = time.perf_counter()
+            n = sum(1 for _ in loader)
+            return (time.perf_counter() - t) / n
+
+        out = {}
+        for cold in (True, False):
+            read_all(cold)  # warm-up (workers, imports)
+            out["cold" if cold else "warm"] = statistics.median(read_all(cold) for _ in range(3))
+        per_clip = sum(a[name][0].nbytes for name in fc.modalities)
+    return out, per_clip
+
+
 def bench_decode(repeats):
     """Our decoder (seeks to the 8 frames it needs) vs decoding every frame, 720p H.264."""
     import data
@@ -216,7 +263,7 @@ def main():
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
     p.add_argument("--batch", type=int, default=0, help="batch for the step rows (default: 2 on CPU, 16 on CUDA)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
-    p.add_argument("--only", default="", help="comma-separated rows: qformer-step,compile,cached-step,kv-cache,decode "
+    p.add_argument("--only", default="", help="comma-separated rows: qformer-step,compile,cached-step,cache-read,kv-cache,decode "
                                              "(compile runs by default on CUDA only)")
     p.add_argument("--out", default="out/bench.json", help="where the JSON goes")
     args = p.parse_args()
@@ -251,7 +298,8 @@ def main():
                                       "faster_path": min(times, key=times.get)}
             rows.append((f"mfu {name}", f"matmul peak {peak / 1e9:.0f} GFLOP/s",
                          f"step {achieved / 1e9:.0f} GFLOP/s", f"{achieved / peak:.0%}",
-                         f"faster path: {min(times, key=times.get)}"))
+                         f"faster path: {min(times, key=times.get)}; the model's auto picks "
+                         + ("plain" if device.type == "cpu" and dtype == torch.bfloat16 else "sdpa")))
     if want("compile") and (device.type == "cuda" or "compile" in only):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         eager, compiled, compile_s = bench_compile(net, device, dtype, batch, args.repeats)
@@ -271,6 +319,20 @@ def main():
         flops_ratio = (encoder_forward_flops(cfg.video, 1) + encoder_forward_flops(cfg.audio, 1)
                        + qformer_step_flops(cfg, 1, 32, 2649)) / qformer_step_flops(cfg, 1, 32, 2649)
         results["cached-step"]["flop_ratio"] = flops_ratio
+    if want("cache-read"):
+        # the loader must deliver clips faster than the cached-feature step consumes them;
+        # read in batches of 16 (the GPU batch) whatever the step's batch, then compare per clip
+        reads, per_clip = bench_cache_read(cfg, 16)
+        for kind, read_s in reads.items():
+            note = f"{16 * per_clip / read_s / 1e9:.2f} GB/s ({per_clip / 1e6:.1f} MB a clip, batches of 16)"
+            if "cached-step" in results:
+                step_batch = 1 if device.type == "cpu" else batch
+                step_s = results["cached-step"]["candidate_s"] / step_batch
+                row(f"cache-read {kind}", "cached step / clip", step_s, "loader / clip", read_s / 16,
+                    note + f"; the step needs {per_clip / step_s / 1e6:.0f} MB/s")
+            else:
+                results[f"cache-read {kind}"] = {"clip_s": read_s / 16, "bytes_per_s": 16 * per_clip / read_s}
+                rows.append((f"cache-read {kind}", "-", f"loader {read_s / 16 * 1e3:.1f} ms / clip", "-", note))
     if want("kv-cache"):
         slow, fast, same = bench_kv_cache(net, device, torch.float32, batch, args.repeats)
         row("kv-cache greedy 30 tokens", "no cache", slow, "KV cache", fast,

@@ -102,7 +102,7 @@ class FeatureCache(torch.utils.data.Dataset):
     def media_path(self, row):
         return os.path.join(self.dataset.data_dir, f"{self.clips[row]}.mp4")
 
-    def _create(self):
+    def create(self):
         """Make the files (sparse: no disk is used until entries are written)."""
         os.makedirs(self.dir, exist_ok=True)
         n = len(self.clips)
@@ -114,7 +114,7 @@ class FeatureCache(torch.utils.data.Dataset):
                 np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
                 os.replace(tmp, self.path(name))
 
-    def _open(self):
+    def arrays(self):
         if self._arrays is None:
             names = ["state", "files", *self.modalities]
             self._arrays = {k: np.load(self.path(k), mmap_mode="r+") for k in names}
@@ -122,7 +122,7 @@ class FeatureCache(torch.utils.data.Dataset):
 
     def stale(self):
         """Rows never computed, or computed from a file that has changed since."""
-        a = self._open()
+        a = self.arrays()
         now = np.array([file_identity(self.media_path(k)) for k in range(len(self.clips))], dtype=np.int64)
         changed = (a["files"] != now).any(axis=1)
         return np.flatnonzero((a["state"] == TODO) | changed).tolist()
@@ -133,7 +133,7 @@ class FeatureCache(torch.utils.data.Dataset):
         were computed (by all ranks) once the cache is complete. Rows are flushed batch by
         batch, so an interrupted build keeps what it wrote."""
         if rank == 0:
-            self._create()
+            self.create()
         if dist.is_initialized():
             dist.barrier()
         todo = self.stale()
@@ -141,7 +141,7 @@ class FeatureCache(torch.utils.data.Dataset):
             return 0
         mine = todo[rank::world]
         T.print0(f"{desc}: computing the encoder outputs of {len(todo)} of {len(self.clips)} clips into {self.dir}")
-        a, errors = self._open(), self.errors()
+        a, errors = self.arrays(), self.errors()
         was_training = net.training
         net.eval()
         chunks = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]  # cache rows
@@ -200,7 +200,7 @@ class FeatureCache(torch.utils.data.Dataset):
         pass  # nothing random is left to draw
 
     def __getitem__(self, i):
-        a = self._open()
+        a = self.arrays()
         rec, k = self.dataset.records[i], self.row[i]
         state = int(a["state"][k])
         if state == TODO:

@@ -196,32 +196,16 @@ def main(argv=None):
         loss_fn.parts = parts
         return loss
 
-    def checkpoint(rng):
-        T.save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
-            "model": aligner.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "data": dict(position), "rng": rng, "before": before,
-            "config": vars(args)})
+    def checkpoint(step, bar):
+        rng = T.all_rng_states()  # a collective: every rank hands over its generators
+        if T.is_master():
+            T.save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
+                "model": aligner.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "data": dict(position), "rng": rng, "before": before, "config": vars(args)})
 
-    losses_seen = []
-    bar = T.progress(args.max_steps, "stage 1")
-    bar.update(step)
-    model.train()
-    end = T.steps_this_run(args)
-    while step < end:
-        lr = T.lr_at(step, args.warmup_steps, args.max_steps, args.lr, args.min_lr, args.warmup_lr)
-        T.set_lr(optimizer, lr)
-        micro = [next(stream) for _ in range(args.grad_accum)]
-        loss, norm = T.train_step(optimizer, micro, loss_fn, args.clip, ddp_model)
-        step += 1
-        losses_seen.append(loss)
-        log.log(step=step, loss=loss, lr=lr, grad_norm=norm, scale=aligner.temperature().item(), **loss_fn.parts)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
-        bar.update(1)
-        if step % args.save_every == 0 or step == end:
-            rng = T.all_rng_states()  # a collective: every rank hands over its generators
-            if T.is_master():
-                checkpoint(rng)
-    bar.close()
+    step, losses_seen = T.run_training(model, optimizer, stream, loss_fn, args, step, ddp_model, log, "stage 1",
+                                       args.save_every, checkpoint,
+                                       extra_log=lambda: {"scale": aligner.temperature().item(), **loss_fn.parts})
     if step < args.max_steps:
         T.print0(f"stopped at step {step} (--stop-at); resume with --resume {args.out_dir}/ckpt.pt")
         T.cleanup_distributed(ddp)

@@ -239,6 +239,33 @@ def train_step(optimizer, micro_batches, loss_fn, clip, ddp_model=None):
 # Checkpoints
 
 
+def run_training(model, optimizer, stream, loss_fn, args, step, ddp_model, log, desc, every, on_every,
+                 extra_log=None):
+    """The loop both stages run: the LR schedule, one optimizer step over --grad-accum
+    micro-batches from `stream`, a log row, the progress bar. Every `every` steps, and at the
+    step this run ends (--max-steps or --stop-at), `on_every(step, bar)` validates and saves.
+    `extra_log()` adds fields to each log row. Returns (step, this run's losses)."""
+    losses = []
+    bar = progress(args.max_steps, desc)
+    bar.update(step)
+    model.train()
+    end = steps_this_run(args)
+    while step < end:
+        lr = lr_at(step, args.warmup_steps, args.max_steps, args.lr, args.min_lr, args.warmup_lr)
+        set_lr(optimizer, lr)
+        micro = [next(stream) for _ in range(args.grad_accum)]
+        loss, norm = train_step(optimizer, micro, loss_fn, args.clip, ddp_model)
+        step += 1
+        losses.append(loss)
+        log.log(step=step, loss=loss, lr=lr, grad_norm=norm, **(extra_log() if extra_log else {}))
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+        bar.update(1)
+        if step % every == 0 or step == end:
+            on_every(step, bar)
+    bar.close()
+    return step, losses
+
+
 def capture_rng_state():
     """Every generator a training step may draw from (python, numpy, torch CPU, and every
     CUDA device when present), as tensors, numbers and lists, so a checkpoint holding it still

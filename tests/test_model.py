@@ -83,6 +83,7 @@ def test_sdpa_equals_plain_attention(model):
     fast, _ = model(video, audio, captions, mask, audio_mask=audio_mask)
     set_attention_impl(model, "plain")
     plain, _ = model(video, audio, captions, mask, audio_mask=audio_mask)
+    set_attention_impl(model, "auto")
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
 
 

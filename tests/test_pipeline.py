@@ -63,7 +63,7 @@ def run_sample(*args):
 
 def test_train_save_and_caption_a_video(clips, tmp_path):
     out = str(tmp_path / "caption")
-    train_caption.main(common(clips, out, 3) + ["--eval-every", "3", "--eval-max", "2",
+    train_caption.main(common(clips, out, 3) + ["--eval-every", "3", "--eval-max", "2", "--no-cache-features",
                                                 "--align-dir", str(tmp_path / "no-stage-1")])
     ckpt = os.path.join(out, "best.pth")
     assert os.path.exists(ckpt) and os.path.exists(os.path.join(out, "metrics.json"))
