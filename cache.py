@@ -100,7 +100,7 @@ class FeatureCache(torch.utils.data.Dataset):
         return os.path.join(self.dir, f"{name}.npy")
 
     def media_path(self, row):
-        return os.path.join(self.dataset.data_dir, f"{self.clips[row]}.mp4")
+        return self.dataset.media_path(self.clips[row])
 
     def create(self):
         """Make the files (sparse: no disk is used until entries are written)."""

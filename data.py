@@ -174,11 +174,16 @@ def read_video_frames_decode_all(path, num_frames):
     return torch.from_numpy(np.stack([frames[i] for i in uniform_indices(len(frames), num_frames)]))
 
 
+def audio_source(path):
+    """Where a clip's sound comes from: a sidecar `<stem>.wav` when there is one, else the file."""
+    sidecar = os.path.splitext(path)[0] + ".wav"
+    return sidecar if os.path.exists(sidecar) and sidecar != path else path
+
+
 def read_audio(path, sample_rate=SAMPLE_RATE):
     """float32 mono waveform (N,) at `sample_rate`, from a sidecar `<stem>.wav` when there is
     one, else from the file's own soundtrack; None when there is no audio stream."""
-    sidecar = os.path.splitext(path)[0] + ".wav"
-    source = sidecar if os.path.exists(sidecar) and sidecar != path else path
+    source = audio_source(path)
     container = _open(source)
     try:
         if not container.streams.audio:
@@ -337,9 +342,12 @@ class AVCaptionDataset(torch.utils.data.Dataset):
         whatever worker loads the item."""
         self.epoch = epoch
 
+    def media_path(self, clip_id):
+        return os.path.join(self.data_dir, f"{clip_id}.mp4")
+
     def __getitem__(self, i):
         rec = self.records[i]
-        path = os.path.join(self.data_dir, f"{rec['id']}.mp4")
+        path = self.media_path(rec["id"])
         m = self.media
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
         item = {"id": rec["id"], "caption": rec[self.caption_field], "record": rec, "path": path}
