@@ -11,7 +11,7 @@ Layout, one folder per (encoder weights, preprocessing, modalities, clip list):
     <root>/<key>/video.npy   (N, Nv, Dv) fp16, memory-mapped   Nv = frames * (patches + 1)
     <root>/<key>/audio.npy   (N, Na, Da) fp16, memory-mapped
     <root>/<key>/state.npy   (N,) int8: TODO, OK, NO_AUDIO or UNREADABLE
-    <root>/<key>/files.npy   (N, 2) int64: the (size, mtime_ns) each entry was computed from
+    <root>/<key>/files.npy   (N, 4) int64: (size, mtime_ns) of the file and of its sidecar .wav
     <root>/<key>/errors-<rank>.json   why the unreadable clips failed
 
 `key` hashes everything the features depend on except the media files themselves; each
@@ -32,17 +32,24 @@ import torch.distributed as dist
 import data
 import training as T
 
-VERSION = 1  # bump when the layout or what an entry means changes
+VERSION = 2  # bump when the layout or what an entry means changes
 TODO, OK, NO_AUDIO, UNREADABLE = 0, 1, 2, 3
 
 
 def file_identity(path):
-    """(size, mtime_ns) of a media file, or (-1, -1) when it does not exist."""
+    """(size, mtime_ns) of a file, or (-1, -1) when it does not exist."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return (-1, -1)
     return (st.st_size, st.st_mtime_ns)
+
+
+def clip_identity(path):
+    """What a row is computed from: the media file and the sidecar .wav its sound may come
+    from instead (data.audio_source), as (size, mtime_ns, wav size, wav mtime_ns)."""
+    sound = data.audio_source(path)
+    return (*file_identity(path), *(file_identity(sound) if sound != path else (-1, -1)))
 
 
 def encoder_fingerprint(net, modalities, dtype):
@@ -106,7 +113,7 @@ class FeatureCache(torch.utils.data.Dataset):
         """Make the files (sparse: no disk is used until entries are written)."""
         os.makedirs(self.dir, exist_ok=True)
         n = len(self.clips)
-        specs = {"state": ((n,), np.int8), "files": ((n, 2), np.int64),
+        specs = {"state": ((n,), np.int8), "files": ((n, 4), np.int64),
                  **{m: (self.shapes[m], np.float16) for m in self.modalities}}
         for name, (shape, dtype) in specs.items():
             if not os.path.exists(self.path(name)):
@@ -123,7 +130,7 @@ class FeatureCache(torch.utils.data.Dataset):
     def stale(self):
         """Rows never computed, or computed from a file that has changed since."""
         a = self.arrays()
-        now = np.array([file_identity(self.media_path(k)) for k in range(len(self.clips))], dtype=np.int64)
+        now = np.array([clip_identity(self.media_path(k)) for k in range(len(self.clips))], dtype=np.int64)
         changed = (a["files"] != now).any(axis=1)
         return np.flatnonzero((a["state"] == TODO) | changed).tolist()
 
@@ -166,7 +173,7 @@ class FeatureCache(torch.utils.data.Dataset):
                 errors[self.clips[k]] = reason
                 a["state"][k] = UNREADABLE
             for k in rows:
-                a["files"][k] = file_identity(self.media_path(k))
+                a["files"][k] = clip_identity(self.media_path(k))
             for arr in a.values():
                 arr.flush()
             if errors:

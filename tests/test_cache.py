@@ -5,6 +5,7 @@ the media file -- invalidates what it stored."""
 import json
 import os
 import shutil
+import wave
 
 import numpy as np
 import pytest
@@ -83,6 +84,25 @@ def test_a_changed_file_is_computed_again_and_only_it(clips, tmp_path):
     assert build(net, fc) == 1
     assert not torch.equal(fc[2]["video"], before)
     assert torch.equal(fc[2]["video"], fc[3]["video"])
+
+
+def test_a_new_sidecar_wav_is_computed_again(clips, tmp_path):
+    net, ds, fc = setup(clips, tmp_path)
+    build(net, fc)
+    before = fc[4]["audio"].clone()
+    # clip 4 now takes its sound from a sidecar .wav holding clip 5's soundtrack
+    samples = (data.read_audio(os.path.join(clips, "train_00005.mp4")).numpy() * 32767).astype(np.int16)
+    with wave.open(os.path.join(clips, "train_00004.wav"), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(data.SAMPLE_RATE)
+        f.writeframes(samples.tobytes())
+    assert fc.stale() == [4]
+    assert build(net, fc) == 1
+    assert not torch.equal(fc[4]["audio"], before)
+    with torch.no_grad():  # the row is what the encoder makes of the sound the dataset now reads
+        _, audio = net.encode(audio=ds[4]["audio"][None])
+    torch.testing.assert_close(fc[4]["audio"].float(), audio[0], rtol=2 ** -11, atol=1e-6)
 
 
 def test_an_interrupted_build_finishes_what_is_missing(clips, tmp_path):
