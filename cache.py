@@ -102,6 +102,12 @@ class FeatureCache(torch.utils.data.Dataset):
         self.shapes = {"video": (n, cfg.video.num_frames * cfg.video.tokens_per_frame, cfg.video.width),
                        "audio": (n, cfg.audio.tokens_per_frame, cfg.audio.width)}
         self._arrays = None  # opened lazily, once per process (data loader workers included)
+        self._errors = None
+
+    def __getstate__(self):
+        # a loader worker started by spawn (macOS, Windows) maps the files itself instead of
+        # receiving a pickled copy of every array
+        return {**self.__dict__, "_arrays": None}
 
     def path(self, name):
         return os.path.join(self.dir, f"{name}.npy")
@@ -148,7 +154,7 @@ class FeatureCache(torch.utils.data.Dataset):
             return 0
         mine = todo[rank::world]
         T.print0(f"{desc}: computing the encoder outputs of {len(todo)} of {len(self.clips)} clips into {self.dir}")
-        a, errors = self.arrays(), self.errors()
+        a, errors = self.arrays(), dict(self.errors())
         was_training = net.training
         net.eval()
         chunks = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]  # cache rows
@@ -176,23 +182,25 @@ class FeatureCache(torch.utils.data.Dataset):
                 a["files"][k] = clip_identity(self.media_path(k))
             for arr in a.values():
                 arr.flush()
-            if errors:
+            if bad:
                 T.write_json(os.path.join(self.dir, f"errors-{rank}.json"), errors)
             bar.update(len(rows))
         bar.close()
+        self._errors = None  # read again: other ranks may have added theirs
         net.train(was_training)
         if dist.is_initialized():
             dist.barrier()
         return len(todo)
 
     def errors(self):
-        """clip id -> why it could not be read, from every rank's build."""
-        out = {}
-        for f in sorted(os.listdir(self.dir)):
-            if f.startswith("errors-") and f.endswith(".json"):
-                with open(os.path.join(self.dir, f)) as fh:
-                    out.update(json.load(fh))
-        return out
+        """clip id -> why it could not be read, from every rank's build (read once)."""
+        if self._errors is None:
+            self._errors = {}
+            for f in sorted(os.listdir(self.dir)):
+                if f.startswith("errors-") and f.endswith(".json"):
+                    with open(os.path.join(self.dir, f)) as fh:
+                        self._errors.update(json.load(fh))
+        return self._errors
 
     # -- the dataset ------------------------------------------------------------------------
 
