@@ -222,7 +222,7 @@ def bench_cache_read(cfg, batch, clips=64, workers=2):
         a["state"][:] = cache.OK
         for arr in a.values():
             arr.flush()
-        fc._arrays = None
+        fc.close()  # unmapped, so that evicting the pages below can take effect
 
         def read_all(cold):
             if cold:  # evict the cache files from the page cache (they are clean after flush)
@@ -299,7 +299,7 @@ def main():
             rows.append((f"mfu {name}", f"matmul peak {peak / 1e9:.0f} GFLOP/s",
                          f"step {achieved / 1e9:.0f} GFLOP/s", f"{achieved / peak:.0%}",
                          f"faster path: {min(times, key=times.get)}; the model's auto picks "
-                         + ("plain" if device.type == "cpu" and dtype == torch.bfloat16 else "sdpa")))
+                         + M.faster_attention(device, dtype)))
     if want("compile") and (device.type == "cuda" or "compile" in only):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         eager, compiled, compile_s = bench_compile(net, device, dtype, batch, args.repeats)
@@ -322,17 +322,18 @@ def main():
     if want("cache-read"):
         # the loader must deliver clips faster than the cached-feature step consumes them;
         # read in batches of 16 (the GPU batch) whatever the step's batch, then compare per clip
-        reads, per_clip = bench_cache_read(cfg, 16)
+        rb = 16
+        reads, per_clip = bench_cache_read(cfg, rb)
         for kind, read_s in reads.items():
-            note = f"{16 * per_clip / read_s / 1e9:.2f} GB/s ({per_clip / 1e6:.1f} MB a clip, batches of 16)"
+            note = f"{rb * per_clip / read_s / 1e9:.2f} GB/s ({per_clip / 1e6:.1f} MB a clip, batches of {rb})"
             if "cached-step" in results:
                 step_batch = 1 if device.type == "cpu" else batch
                 step_s = results["cached-step"]["candidate_s"] / step_batch
-                row(f"cache-read {kind}", "cached step / clip", step_s, "loader / clip", read_s / 16,
+                row(f"cache-read {kind}", "cached step / clip", step_s, "loader / clip", read_s / rb,
                     note + f"; the step needs {per_clip / step_s / 1e6:.0f} MB/s")
             else:
-                results[f"cache-read {kind}"] = {"clip_s": read_s / 16, "bytes_per_s": 16 * per_clip / read_s}
-                rows.append((f"cache-read {kind}", "-", f"loader {read_s / 16 * 1e3:.1f} ms / clip", "-", note))
+                results[f"cache-read {kind}"] = {"clip_s": read_s / rb, "bytes_per_s": rb * per_clip / read_s}
+                rows.append((f"cache-read {kind}", "-", f"loader {read_s / rb * 1e3:.1f} ms / clip", "-", note))
     if want("kv-cache"):
         slow, fast, same = bench_kv_cache(net, device, torch.float32, batch, args.repeats)
         row("kv-cache greedy 30 tokens", "no cache", slow, "KV cache", fast,

@@ -133,6 +133,10 @@ class FeatureCache(torch.utils.data.Dataset):
             self._arrays = {k: np.load(self.path(k), mmap_mode="r+") for k in names}
         return self._arrays
 
+    def close(self):
+        """Drop this process's maps of the files (they are opened again on the next read)."""
+        self._arrays = None
+
     def stale(self):
         """Rows never computed, or computed from a file that has changed since."""
         a = self.arrays()

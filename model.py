@@ -147,7 +147,7 @@ def attention(q, k, v, mask=None, dropout_p=0.0, impl="auto"):
     faster one as measured by bench.py: plain for bf16 on the CPU (SDPA 0.66x there on 2
     cores), SDPA everywhere else (CUDA: fused kernels; CPU fp32: a tie)."""
     if impl == "auto":
-        impl = "plain" if q.device.type == "cpu" and q.dtype == torch.bfloat16 else "sdpa"
+        impl = faster_attention(q.device, q.dtype)
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, H, Tq, Tk)
@@ -157,6 +157,11 @@ def attention(q, k, v, mask=None, dropout_p=0.0, impl="auto"):
     if dropout_p > 0.0:
         att = F.dropout(att, p=dropout_p)
     return att @ v
+
+
+def faster_attention(device, dtype):
+    """The implementation "auto" picks on this device and dtype."""
+    return "plain" if device.type == "cpu" and dtype == torch.bfloat16 else "sdpa"
 
 
 def split_heads(x, heads):

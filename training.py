@@ -235,10 +235,6 @@ def train_step(optimizer, micro_batches, loss_fn, clip, ddp_model=None):
     return total.item(), norm.item()
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints
-
-
 def run_training(model, optimizer, stream, loss_fn, args, step, ddp_model, log, desc, every, on_every,
                  extra_log=None):
     """The loop both stages run: the LR schedule, one optimizer step over --grad-accum
@@ -264,6 +260,10 @@ def run_training(model, optimizer, stream, loss_fn, args, step, ddp_model, log, 
             on_every(step, bar)
     bar.close()
     return step, losses
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
 
 
 def capture_rng_state():
