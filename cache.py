@@ -15,8 +15,8 @@ Layout, one folder per (encoder weights, preprocessing, modalities, clip list):
     <root>/<key>/errors-<rank>.json   why the unreadable clips failed
 
 `key` hashes everything the features depend on except the media files themselves; each
-entry also remembers the file it was computed from, and an entry whose file changed since is
-computed again. Entries are written as they are computed, so an interrupted build loses
+entry also remembers the files it was computed from (the clip and a sidecar .wav), and an
+entry whose files changed since is computed again. Entries are written as they are computed, so an interrupted build loses
 nothing: the next run finishes what is missing.
 """
 
