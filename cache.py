@@ -165,30 +165,33 @@ class FeatureCache(torch.utils.data.Dataset):
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=[[self.first_record[k] for k in c] for c in chunks],
                                              num_workers=num_workers, collate_fn=data.collate)
         bar = T.progress(len(mine), desc)
-        for rows, batch in zip(chunks, loader):
-            with ctx:
-                v, au = net.encode(None if batch["video"] is None else batch["video"].to(device),
-                                   None if batch["audio"] is None else batch["audio"].to(device))
-            read = set(batch["ids"])
-            good = [k for k in rows if self.clips[k] in read]  # collate keeps the order
-            bad = [k for k in rows if self.clips[k] not in read]
-            for j, k in enumerate(good):
-                no_audio = batch["audio_mask"] is not None and not batch["audio_mask"][j]
-                if v is not None:
-                    a["video"][k] = v[j].float().cpu().numpy()
-                if au is not None and not no_audio:
-                    a["audio"][k] = au[j].float().cpu().numpy()
-                a["state"][k] = NO_AUDIO if no_audio else OK
-            for k, (_, reason) in zip(bad, batch["skipped"]):
-                errors[self.clips[k]] = reason
-                a["state"][k] = UNREADABLE
-            for k in rows:
-                a["files"][k] = clip_identity(self.media_path(k))
-            for arr in a.values():
-                arr.flush()
-            if bad:
-                T.write_json(os.path.join(self.dir, f"errors-{rank}.json"), errors)
-            bar.update(len(rows))
+        # the loader draws its worker seeds from the global generator: fork it, so that a run
+        # trains the same whether or not it had to build its cache first
+        with torch.random.fork_rng(devices=[]):
+            for rows, batch in zip(chunks, loader):
+                with ctx:
+                    v, au = net.encode(None if batch["video"] is None else batch["video"].to(device),
+                                       None if batch["audio"] is None else batch["audio"].to(device))
+                read = set(batch["ids"])
+                good = [k for k in rows if self.clips[k] in read]  # collate keeps the order
+                bad = [k for k in rows if self.clips[k] not in read]
+                for j, k in enumerate(good):
+                    no_audio = batch["audio_mask"] is not None and not batch["audio_mask"][j]
+                    if v is not None:
+                        a["video"][k] = v[j].float().cpu().numpy()
+                    if au is not None and not no_audio:
+                        a["audio"][k] = au[j].float().cpu().numpy()
+                    a["state"][k] = NO_AUDIO if no_audio else OK
+                for k, (_, reason) in zip(bad, batch["skipped"]):
+                    errors[self.clips[k]] = reason
+                    a["state"][k] = UNREADABLE
+                for k in rows:
+                    a["files"][k] = clip_identity(self.media_path(k))
+                for arr in a.values():
+                    arr.flush()
+                if bad:
+                    T.write_json(os.path.join(self.dir, f"errors-{rank}.json"), errors)
+                bar.update(len(rows))
         bar.close()
         self._errors = None  # read again: other ranks may have added theirs
         net.train(was_training)

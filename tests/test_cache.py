@@ -57,6 +57,14 @@ def test_loss_from_the_cache_equals_the_loss_from_pixels(clips, tmp_path):
     assert torch.isclose(loss_pixels, loss_cached, rtol=1e-4, atol=0), (loss_pixels, loss_cached)
 
 
+def test_building_leaves_the_random_generator_alone(clips, tmp_path):
+    """A run trains the same whether or not it had to build its cache first."""
+    net, _, fc = setup(clips, tmp_path)
+    before = torch.get_rng_state()
+    fc.build(net, torch.device("cpu"), torch.autocast("cpu", enabled=False), batch_size=4, num_workers=1)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_a_second_run_reuses_the_cache(clips, tmp_path):
     net, _, fc = setup(clips, tmp_path)
     build(net, fc)
