@@ -32,7 +32,7 @@ import torch.distributed as dist
 import data
 import training as T
 
-VERSION = 2  # bump when the layout or what an entry means changes
+VERSION = 3  # bump when the layout or what an entry means changes
 TODO, OK, NO_AUDIO, UNREADABLE = 0, 1, 2, 3
 
 

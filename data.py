@@ -2,9 +2,12 @@
 audio-visual dataset (DESIGN.md section 4).
 
   1. decoding with PyAV (its wheels carry FFmpeg): frames at uniformly spaced indices, seeking
-     in long files; the soundtrack (or a sidecar .wav) as 16 kHz mono;
-  2. preprocessing exactly as the paper: CLIP-normalised 224² frames, Kaldi fbank with three
-     chunks as the spectrogram's channels; random flip / chunk only in training;
+     in long files; the soundtrack (or a sidecar .wav), every channel, resampled to 16 kHz;
+  2. preprocessing as the pipeline the released weights were trained with (the authors' code,
+     LanguageBind's processors, pytorchvideo's transforms), each rule stated where it is
+     applied: CLIP-normalised 224² frames, Kaldi fbank with three chunks as the spectrogram's
+     channels. Two deliberate deviations, both MediaConfig fields: no random flip and no
+     random audio chunk at evaluation (the original draws both there too);
   3. the authors' annotation format, a dataset that reports unreadable files instead of
      crashing or recursing, a collate function with modality masks, a skip tracker;
   4. a generator of synthetic clips whose captions need both the frames and the sound.
@@ -69,8 +72,11 @@ def _frame_index(path, container, stream):
 
 
 def uniform_indices(n, num_frames):
-    """linspace(0, n-1, num_frames) rounded: fewer frames than asked repeat some."""
-    return np.linspace(0, n - 1, num_frames).round().astype(int).tolist()
+    """The original's frame choice: `np.linspace(0, n - 1, num_frames, dtype=int)`, which
+    truncates (10 frames, 8 wanted: 0 1 2 3 5 6 7 9, where rounding would give 0 1 3 4 5 6 8 9).
+    `n` is the reader's frame count (ours counts the packets); fewer frames than asked repeat
+    some."""
+    return np.linspace(0, n - 1, num_frames, dtype=int).tolist()
 
 
 SMALL_FILE_PIXELS = 64 * 64 * 400  # below this, one decoding pass beats indexing and seeking
@@ -181,32 +187,42 @@ def audio_source(path):
 
 
 def read_audio(path, sample_rate=SAMPLE_RATE):
-    """float32 mono waveform (N,) at `sample_rate`, from a sidecar `<stem>.wav` when there is
-    one, else from the file's own soundtrack; None when there is no audio stream."""
+    """float32 (channels, N) at `sample_rate`, from a sidecar `<stem>.wav` when there is one,
+    else from the file's own soundtrack; None when there is no audio stream.
+
+    As the original's `torchaudio.load` + `torchaudio.functional.resample`: every channel is
+    kept (no down-mix; log_mel reads channel 0), samples are decoded at the file's own rate
+    as floats (16-bit PCM becomes x / 32768), and a rate other than `sample_rate` is resampled
+    with `torchaudio.functional.resample` and its default windowed-sinc filter, not FFmpeg's."""
     source = audio_source(path)
     container = _open(source)
     try:
         if not container.streams.audio:
             return None
         stream = container.streams.audio[0]
-        # resample in the source layout, then average the channels ourselves (FFmpeg's own
-        # down-mix weights channels differently)
-        resampler = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=sample_rate)
-        chunks = []
+        # a format conversion only (planar float), at the native rate and layout
+        to_float = av.AudioResampler(format="fltp")
+        chunks, rate = [], None
         try:
             for frame in container.decode(stream):
-                for out in resampler.resample(frame):
+                for out in to_float.resample(frame):
                     chunks.append(out.to_ndarray())
-            for out in resampler.resample(None):
+                    rate = out.sample_rate
+            for out in to_float.resample(None):
                 chunks.append(out.to_ndarray())
+                rate = out.sample_rate
         except av.FFmpegError as e:
             raise MediaError(source, f"audio decoding failed ({type(e).__name__})") from None
+        except ValueError:  # PyAV's resampler refuses a rate or layout that changes mid-stream
+            raise MediaError(source, "audio format changes mid-stream") from None
     finally:
         container.close()
     if not chunks:
         return None
-    wave = np.concatenate(chunks, axis=1)  # (channels, N)
-    return torch.from_numpy(wave.mean(axis=0).astype(np.float32))
+    wave = torch.from_numpy(np.concatenate(chunks, axis=1))  # (channels, N) float32
+    if rate != sample_rate:
+        wave = torchaudio.functional.resample(wave, rate, sample_rate)
+    return wave
 
 
 # -----------------------------------------------------------------------------
@@ -215,15 +231,30 @@ def read_audio(path, sample_rate=SAMPLE_RATE):
 
 @dataclass
 class MediaConfig:
+    """Input sizes and the two places where evaluation deliberately differs from the original.
+
+    flip_in_eval: the original's evaluation transform keeps its random horizontal flip
+        (p = 0.5), so its scores move between runs. False (ours): no flip at evaluation.
+        True: flip at random in evaluation as well, as the original does.
+    random_chunks_in_eval: the original draws the three audio chunk starts at random in
+        evaluation too. False (ours): the middle of each third (chunk_starts). True: random,
+        as the original.
+    Both draws come from the dataset's per-item generator, so even the original's behaviour is
+    reproducible here."""
+
     num_frames: int = 8
     image_size: int = 224
     num_mel_bins: int = 112
     target_length: int = 1036
     sample_rate: int = SAMPLE_RATE
+    flip_in_eval: bool = False
+    random_chunks_in_eval: bool = False
 
     @classmethod
     def from_model(cls, cfg):
-        """Sizes come from the model config, so the tiny preset runs this same code."""
+        """Sizes come from the model config, so the tiny preset runs this same code with the
+        paper's rules (its 64x64 embedded frames halve exactly to 32x32, where a bilinear
+        resize without antialias is a 2x2 average: nothing aliases)."""
         mel, length = cfg.audio.image_size
         return cls(cfg.video.num_frames, cfg.video.image_size[0], mel, length)
 
@@ -235,16 +266,32 @@ class MediaConfig:
         return self
 
 
+def short_side_size(h, w, size):
+    """pytorchvideo's `short_side_scale` size rule: the short side becomes `size`, the long
+    side `floor(long / short * size)`, computed in that order in floating point (so a
+    224x230 frame becomes 224x229: 230 / 224 * 224 falls just below 230)."""
+    if w < h:
+        return int(math.floor(h / w * size)), size
+    return size, int(math.floor(w / h * size))
+
+
 def preprocess_video(frames, size, train=False, generator=None):
-    """uint8 (T, H, W, 3) -> float (3, T, size, size): [0, 1], short side to `size` (bicubic,
-    antialiased, as CLIP's transform), centre crop, CLIP mean/std; a horizontal flip with
-    p = 0.5 in training only."""
+    """uint8 (T, H, W, 3) -> float (3, T, size, size), the original's video transform:
+
+      1. scale to [0, 1] and normalise with the CLIP mean / std;
+      2. resize (short_side_size) with `F.interpolate(mode="bilinear", align_corners=False)`,
+         no antialias and no clamp, as pytorchvideo's `short_side_scale`;
+      3. torchvision's video centre crop: offsets `int(round((h - size) / 2))` (Python's
+         round, half to even) and likewise for the width;
+      4. `train=True` draws a horizontal flip with p = 0.5 (see MediaConfig.flip_in_eval).
+
+    We normalise after the resize and crop, the original before: a bilinear resize is a
+    weighted mean whose weights sum to one, so it commutes with the per-channel affine
+    normalisation (the results agree to float rounding), and fewer pixels are normalised."""
     x = frames.permute(0, 3, 1, 2).float() / 255.0  # (T, H, W, 3) -> (T, 3, H, W)
-    H, W = x.shape[-2:]
-    scale = size / min(H, W)
-    h, w = max(size, round(H * scale)), max(size, round(W * scale))
-    x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-    top, left = (h - size) // 2, (w - size) // 2
+    h, w = short_side_size(*x.shape[-2:], size)
+    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
     x = x[:, :, top:top + size, left:left + size]
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
@@ -255,18 +302,24 @@ def preprocess_video(frames, size, train=False, generator=None):
 
 
 def log_mel(wave, num_mel_bins, sample_rate=SAMPLE_RATE):
-    """Kaldi fbank with the paper's parameters: (N,) waveform -> (frames, num_mel_bins)."""
+    """Kaldi fbank with the paper's parameters: (channels, N) or (N,) waveform ->
+    (frames, num_mel_bins). As the original: subtract the mean of the whole (channels, N)
+    tensor, then `torchaudio.compliance.kaldi.fbank`, which reads a single channel (its
+    `channel` argument defaults to -1, clamped to 0): a stereo file gives the spectrogram of
+    its first (left) channel, not of a mix, with the mean taken over both channels."""
     wave = wave - wave.mean()
     return torchaudio.compliance.kaldi.fbank(
-        wave[None], htk_compat=True, sample_frequency=sample_rate, use_energy=False,
-        window_type="hanning", num_mel_bins=num_mel_bins, dither=0.0, frame_length=25,
-        frame_shift=10)
+        wave if wave.dim() == 2 else wave[None], htk_compat=True, sample_frequency=sample_rate,
+        use_energy=False, window_type="hanning", num_mel_bins=num_mel_bins, dither=0.0,
+        frame_length=25, frame_shift=10)
 
 
 def chunk_starts(n, target_length, train=False, generator=None):
     """The three-chunk rule: split the valid start range [0, n - target_length] into three
-    equal parts and take one start in each (random in training, each part's middle in
-    evaluation). Shorter spectrograms are repeated to length, so all starts are 0."""
+    equal parts and take one start in each: random in training (as the original), each part's
+    middle in evaluation (the original draws at random there too; see
+    MediaConfig.random_chunks_in_eval). Shorter spectrograms are repeated to length, so all
+    starts are 0."""
     if n <= target_length:
         return [0, 0, 0]
     parts = np.array_split(np.arange(n - target_length + 1), 3)
@@ -282,8 +335,10 @@ def chunk_starts(n, target_length, train=False, generator=None):
 
 
 def preprocess_audio(wave, num_mel_bins, target_length, train=False, generator=None):
-    """(N,) 16 kHz waveform -> (3, num_mel_bins, target_length): three chunks of the
-    log-mel spectrogram as channels, mel bins as height and time as width, normalised."""
+    """(channels, N) or (N,) 16 kHz waveform -> (3, num_mel_bins, target_length): the log-mel
+    spectrogram (log_mel: channel 0), repeated to length when short, three chunks of it
+    (chunk_starts) as channels, mel bins as height and time as width, normalised with the
+    paper's `(x + 4.2677393) / (4.5689974 * 2)`."""
     spec = log_mel(wave, num_mel_bins)  # (n, mel)
     n = spec.size(0)
     if n < target_length:
@@ -354,16 +409,17 @@ class AVCaptionDataset(torch.utils.data.Dataset):
         try:
             if self.modalities != "audio":
                 frames = read_video_frames(path, m.num_frames)
-                item["video"] = preprocess_video(frames, m.image_size, self.train, g)
+                item["video"] = preprocess_video(frames, m.image_size, self.train or m.flip_in_eval, g)
             wave = read_audio(path) if self.modalities != "video" else None
         except MediaError as e:
             return {"id": rec["id"], "error": (e.path, e.reason)}
         if self.modalities == "audio" and wave is None:
             return {"id": rec["id"], "error": (path, "no audio stream")}
         if self.modalities != "video":
-            item["audio_missing"] = wave is None or wave.numel() < 400  # shorter than one window
+            item["audio_missing"] = wave is None or wave.shape[-1] < 400  # shorter than one window
         if self.modalities != "video" and not item["audio_missing"]:
-            item["audio"] = preprocess_audio(wave, m.num_mel_bins, m.target_length, self.train, g)
+            item["audio"] = preprocess_audio(wave, m.num_mel_bins, m.target_length,
+                                             self.train or m.random_chunks_in_eval, g)
         return item
 
 

@@ -88,7 +88,7 @@ def caption_file(net, tokenizer, path, args):
     media = data.MediaConfig.from_model(net.cfg)
     video = data.preprocess_video(data.read_video_frames(path, media.num_frames), media.image_size)
     wave = data.read_audio(path)
-    has_audio = wave is not None and wave.numel() >= 400
+    has_audio = wave is not None and wave.shape[-1] >= 400
     audio = data.preprocess_audio(wave, media.num_mel_bins, media.target_length) if has_audio else None
     torch.manual_seed(args.seed)
     ids = net.generate(video=video[None].to(args.device),

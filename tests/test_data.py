@@ -15,6 +15,7 @@ import av
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchaudio
 
 import data
@@ -72,6 +73,13 @@ def encode_audio(path, channels, rate, codec="aac", fmt="mp4"):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+
+
+def pcm_wav(path, channels, rate):
+    """Write float channels (C, N) as 16-bit PCM; returns the float samples a reader must
+    give back exactly, as torchaudio.load does: the stored integers / 32768."""
+    encode_audio(path, channels, rate, "pcm_s16le", "wav")
+    return torch.from_numpy((channels * 32767).round() / 32768).float()
 
 
 def tone(seconds, freq=440.0, amplitude=0.4, rate=data.SAMPLE_RATE):
@@ -266,6 +274,16 @@ def test_no_audio_stream_gives_zeros_and_a_false_mask(tmp_path):
     assert tracker.report() == "2 clips, 0 skipped (none), 1 without audio"
 
 
+def test_stereo_sound_shorter_than_one_window_counts_as_missing(tmp_path):
+    # 300 samples per channel (600 in all) is still shorter than the 400-sample fbank window
+    clip = tmp_path / "clip.mp4"
+    data.write_clip(str(clip), np.zeros((8, 32, 32, 3), np.uint8), None)
+    ds = one_item_dataset(tmp_path, clip)
+    pcm_wav(tmp_path / "ds" / "clip.wav", np.stack([tone(300 / 16000)] * 2), 16000)
+    item = ds[0]
+    assert item["audio_missing"] is True and "audio" not in item
+
+
 def test_batch_where_no_clip_has_audio_has_no_audio_tensor():
     # collate cannot know the audio shape when nobody has audio: None, with all-False masks
     # (consumers must check the mask or None before indexing batch["audio"])
@@ -279,7 +297,7 @@ def test_batch_where_no_clip_has_audio_has_no_audio_tensor():
 def test_audio_only_file_is_skipped_with_reason(tmp_path):
     path = tmp_path / "audio_only.mp4"
     encode_audio(path, tone(1.0)[None], data.SAMPLE_RATE)
-    assert data.read_audio(str(path)).shape[0] == pytest.approx(16000, rel=0.05)
+    assert data.read_audio(str(path)).shape[-1] == pytest.approx(16000, rel=0.05)
     with pytest.raises(data.MediaError) as e:
         data.read_video_frames(str(path), 8)
     assert e.value.reason == "no video stream"
@@ -292,7 +310,8 @@ def test_fewer_frames_than_requested_repeat(tmp_path, route, monkeypatch):
     encode_video(path, marked_frames(3, 32))
     frames = read_frames_via(route, path, 8, monkeypatch)
     assert frames.shape == (8, 32, 32, 3) and frames.dtype == torch.uint8
-    assert read_marks(frames) == [0, 0, 1, 1, 1, 1, 2, 2] == data.uniform_indices(3, 8)
+    # linspace(0, 2, 8) = 0, .29, .57, .86, 1.14, 1.43, 1.71, 2, truncated
+    assert read_marks(frames) == [0, 0, 0, 0, 1, 1, 1, 2] == data.uniform_indices(3, 8)
 
 
 def test_odd_frame_size(tmp_path):
@@ -334,7 +353,19 @@ def test_variable_frame_rate(tmp_path, route, monkeypatch):
     assert read_marks(frames) == data.uniform_indices(len(pts), 8)  # indices, not times
 
 
-def test_48khz_stereo_becomes_16khz_mono(tmp_path):
+@pytest.mark.parametrize("rate", [16000, 44100, 48000])
+def test_audio_keeps_every_channel_and_is_resampled_by_torchaudio(tmp_path, rate):
+    # the original: torchaudio.load (every channel, native rate), then
+    # torchaudio.functional.resample with its default filter when the rate is not 16 kHz
+    left, right = tone(1.5, freq=700, rate=rate), tone(1.5, freq=2500, amplitude=0.2, rate=rate)
+    samples = pcm_wav(tmp_path / "stereo.wav", np.stack([left, right]), rate)  # (2, N)
+    expected = samples if rate == 16000 else torchaudio.functional.resample(samples, rate, 16000)
+    wave = data.read_audio(str(tmp_path / "stereo.wav"))
+    assert wave.dtype == torch.float32 and wave.shape == (2, 24000)
+    assert torch.equal(wave, expected)
+
+
+def test_compressed_stereo_keeps_both_channels(tmp_path):
     seconds = 3
     left = tone(seconds, rate=48000)
     path = tmp_path / "stereo.mp4"
@@ -342,22 +373,9 @@ def test_48khz_stereo_becomes_16khz_mono(tmp_path):
     with av.open(str(path)) as c:
         assert (c.streams.audio[0].rate, c.streams.audio[0].channels) == (48000, 2)
     wave = data.read_audio(str(path))
-    assert wave.dtype == torch.float32 and wave.dim() == 1
-    assert wave.numel() == pytest.approx(seconds * 16000, rel=0.02)
-    # the tone on one channel, silence on the other: the average has half the amplitude
-    rms = wave.pow(2).mean().sqrt().item()
-    assert rms == pytest.approx(0.4 / math.sqrt(2) / 2, rel=0.02)
-
-
-def test_mono_mix_is_the_channel_average(tmp_path):
-    # lossless PCM, so the mix can be compared sample by sample with a mono file of the tone
-    left = tone(1.0, freq=700, rate=48000)
-    encode_audio(tmp_path / "stereo.wav", np.stack([left, np.zeros_like(left)]), 48000, "pcm_s16le", "wav")
-    encode_audio(tmp_path / "mono.wav", left[None], 48000, "pcm_s16le", "wav")
-    stereo = data.read_audio(str(tmp_path / "stereo.wav"))
-    mono = data.read_audio(str(tmp_path / "mono.wav"))
-    assert stereo.shape == mono.shape == (16000,)
-    torch.testing.assert_close(stereo, mono / 2, atol=1e-6, rtol=0)
+    assert wave.shape[0] == 2 and wave.shape[1] == pytest.approx(seconds * 16000, rel=0.02)
+    rms = wave.pow(2).mean(1).sqrt()  # per channel: the tone on the left, silence on the right
+    assert rms[0].item() == pytest.approx(0.4 / math.sqrt(2), rel=0.02) and rms[1].item() < 1e-3
 
 
 def test_long_clip_seeking_picks_the_same_frames_as_decoding_everything(long_clip, monkeypatch):
@@ -391,8 +409,8 @@ def test_sidecar_wav_is_preferred_over_the_soundtrack(tmp_path):
     sidecar = tone(1.0, freq=1000, amplitude=0.3)
     encode_audio(tmp_path / "clip.wav", sidecar[None], data.SAMPLE_RATE, "pcm_s16le", "wav")
     wave = data.read_audio(str(path))
-    assert wave.shape == (16000,)  # the 1 s sidecar, not the 2 s track
-    torch.testing.assert_close(wave, torch.from_numpy(sidecar), atol=1 / 32767, rtol=0)
+    assert wave.shape == (1, 16000)  # the 1 s sidecar, not the 2 s track
+    torch.testing.assert_close(wave, torch.from_numpy(sidecar)[None], atol=1 / 32767, rtol=0)
 
 
 # -----------------------------------------------------------------------------
@@ -514,6 +532,81 @@ def test_full_sizes():
     assert data.preprocess_audio(wave, media.num_mel_bins, media.target_length).shape == (3, 112, 1036)
 
 
+def test_frame_indices_truncate_as_the_original():
+    # the original: np.linspace(0, n - 1, T, dtype=int); with 10 frames and 8 wanted the
+    # points are 0, 1.29, 2.57, 3.86, 5.14, 6.43, 7.71, 9 and truncation keeps the integer part
+    assert data.uniform_indices(10, 8) == [0, 1, 2, 3, 5, 6, 7, 9]
+    for n, T in itertools.product(range(1, 80), (1, 4, 8, 16)):
+        assert data.uniform_indices(n, T) == np.linspace(0, n - 1, T, dtype=int).tolist()
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_reader_returns_the_frames_at_the_truncated_indices(tmp_path, route, monkeypatch):
+    path = tmp_path / "ten.mp4"
+    encode_video(path, marked_frames(10, 32))
+    assert read_marks(read_frames_via(route, path, 8, monkeypatch)) == [0, 1, 2, 3, 5, 6, 7, 9]
+
+
+def test_short_side_scale_size_rule():
+    # short side to the target, long side floor(long / short * target) in floating point
+    # (pytorchvideo's short_side_scale): 640 / 360 * 224 = 398.2, 33 / 17 * 224 = 434.8, and
+    # 230 / 224 * 224 = 229.99999999999997
+    expected = {(360, 640, 224): (224, 398), (640, 360, 224): (398, 224), (17, 33, 224): (224, 434),
+                (224, 230, 224): (224, 229), (224, 224, 224): (224, 224), (64, 64, 32): (32, 32)}
+    for (h, w, size), hw in expected.items():
+        assert data.short_side_size(h, w, size) == hw
+
+
+def normalised(pixels):
+    """(T, H, W, 3) values in 0..255 -> (3, T, H, W) CLIP-normalised, written from the rule."""
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1, 1)
+    return (torch.from_numpy(np.array(pixels, dtype=np.float32)).permute(3, 0, 1, 2) / 255 - mean) / std
+
+
+def test_downscaling_is_bilinear_without_antialias():
+    # halving with bilinear, align_corners=False and no antialias samples between each pair of
+    # pixels: every output pixel is the mean of a 2x2 block. Stripes two pixels wide therefore
+    # come out as clean alternating columns (an antialiased filter would blur them to grey).
+    frames = np.zeros((2, 64, 64, 3), np.uint8)
+    frames[:, :, 2::4] = frames[:, :, 3::4] = 255
+    frames[:, 5, :, 1] = 90  # and a row of another colour, averaged with its neighbour
+    blocks = frames.astype(np.float32).reshape(2, 32, 2, 32, 2, 3).mean((2, 4))
+    torch.testing.assert_close(data.preprocess_video(torch.from_numpy(frames), 32),
+                               normalised(blocks), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("portrait", [False, True])
+def test_centre_crop_offset_is_rounded_half_to_even(portrait):
+    # torchvision's video centre crop: offset int(round((length - 224) / 2)), Python's round,
+    # so a surplus of 3 starts at 2 and one of 5 also at 2. The long side is already
+    # floor(long / 224 * 224) for these lengths, so the resize leaves the pixels untouched.
+    for surplus, offset in {1: 0, 3: 2, 5: 2, 7: 4, 31: 16}.items():
+        index = np.arange(224 + surplus, dtype=np.uint8)  # each pixel holds its column
+        frames = np.broadcast_to(index[None, None, :, None], (1, 224, 224 + surplus, 3))
+        if portrait:  # each pixel holds its row
+            frames = frames.transpose(0, 2, 1, 3)
+        x = data.preprocess_video(torch.from_numpy(np.ascontiguousarray(frames)), 224)
+        kept = np.arange(offset, offset + 224, dtype=np.float32)
+        kept = kept[None, :, None, None] if portrait else kept[None, None, :, None]
+        torch.testing.assert_close(x, normalised(np.broadcast_to(kept, (1, 224, 224, 3))), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("hw", [(360, 640), (33, 17)])
+def test_video_preprocessing_equals_the_original_transform(hw):
+    # written as the original runs it, on (C, T, H, W): divide by 255, normalise FIRST, resize
+    # the short side with F.interpolate(bilinear, align_corners=False), crop at
+    # int(round((length - 224) / 2)); ours normalises last, which a linear resize allows
+    h, w = hw
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (8, h, w, 3), dtype=np.uint8))
+    x = normalised(frames.numpy())  # (3, 8, h, w)
+    new_h, new_w = (224, math.floor(w / h * 224)) if h <= w else (math.floor(h / w * 224), 224)
+    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    top, left = int(round((new_h - 224) / 2.0)), int(round((new_w - 224) / 2.0))
+    expected = x[..., top:top + 224, left:left + 224]
+    torch.testing.assert_close(data.preprocess_video(frames, 224), expected, atol=2e-5, rtol=0)
+
+
 def test_clip_normalisation_of_a_uniform_grey_frame():
     v = 100
     x = data.preprocess_video(torch.full((2, 40, 60, 3), v, dtype=torch.uint8), 32)
@@ -531,6 +624,41 @@ def test_log_mel_is_kaldi_fbank_with_the_papers_parameters():
     got = data.log_mel(wave, 112)
     assert got.shape == (1 + (len(wave) - 400) // 160, 112)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_log_mel_of_a_stereo_wave_is_its_first_channel_less_the_whole_mean():
+    # the original subtracts the mean of the whole (C, N) tensor, then Kaldi's fbank reads
+    # channel 0: the left channel's spectrogram, not the mix's
+    rng = np.random.default_rng(0)
+    left = torch.from_numpy(tone(1.0, freq=523) + 0.05)
+    right = torch.from_numpy(rng.normal(0.2, 0.3, 16000).astype(np.float32))
+    whole_mean = (left.sum() + right.sum()) / 32000
+    expected = torchaudio.compliance.kaldi.fbank(
+        (left - whole_mean)[None], htk_compat=True, sample_frequency=16000, use_energy=False,
+        window_type="hanning", num_mel_bins=112, dither=0.0, frame_length=25, frame_shift=10)
+    got = data.log_mel(torch.stack([left, right]), 112)
+    # float32 means summed in another order differ in the last bits; quiet bins magnify that
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+    mix = data.log_mel((left + right) / 2, 112)
+    assert (got - mix).abs().max() > 1
+
+
+def test_audio_preprocessing_of_a_stereo_file_equals_the_original(tmp_path):
+    # the whole audio path from a 44.1 kHz stereo wav, written as the original runs it: load
+    # every channel, torchaudio resample to 16 kHz, subtract the mean of everything, fbank
+    # (channel 0), repeat to length, normalise (1 s = 98 frames, so no chunk choice is involved)
+    left, right = tone(1.0, freq=440, rate=44100), tone(1.0, freq=3000, amplitude=0.3, rate=44100)
+    path = tmp_path / "clip.mp4"
+    data.write_clip(str(path), np.zeros((8, 32, 32, 3), np.uint8), None)
+    samples = pcm_wav(tmp_path / "clip.wav", np.stack([left, right]), 44100)  # the sidecar
+    wave = torchaudio.functional.resample(samples, 44100, 16000)
+    spec = torchaudio.compliance.kaldi.fbank(
+        wave - wave.mean(), htk_compat=True, sample_frequency=16000, use_energy=False,
+        window_type="hanning", num_mel_bins=32, dither=0.0, frame_length=25, frame_shift=10)
+    assert spec.shape == (98, 32)
+    expected = ((spec[torch.arange(128) % 98].T + 4.2677393) / (4.5689974 * 2)).expand(3, 32, 128)
+    got = data.preprocess_audio(data.read_audio(str(path)), 32, 128)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def in_third(start, k, n, L):
@@ -586,6 +714,19 @@ def test_training_flips_sometimes(small_set):
             assert torch.equal(video, plain.flip(-1)), "training changed the frames beyond a flip"
             flips.append(True)
     assert any(flips) and not all(flips)
+
+
+def test_the_originals_random_evaluation_is_one_flag_each(small_set):
+    # the original flips and draws the audio chunks at random in evaluation too; ours does
+    # neither unless MediaConfig says so (the dataset's per-item generator still seeds it)
+    ann, root = small_set
+    plain = data.AVCaptionDataset(ann, root, TINY)[0]
+    original = data.MediaConfig(**{**vars(TINY), "flip_in_eval": True, "random_chunks_in_eval": True})
+    items = [data.AVCaptionDataset(ann, root, original, seed=seed)[0] for seed in range(8)]
+    flipped = [not torch.equal(item["video"], plain["video"]) for item in items]
+    assert any(flipped) and not all(flipped)
+    assert all(torch.equal(item["video"], plain["video"].flip(-1)) for item, f in zip(items, flipped) if f)
+    assert any(not torch.equal(item["audio"], plain["audio"]) for item in items)
 
 
 # -----------------------------------------------------------------------------
