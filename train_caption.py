@@ -70,7 +70,7 @@ TINY_REASONS = {
     "warmup_lr": "the tiny recipe: a few thousand steps, measured in the README's results",
     "warmup_steps": "the tiny recipe: a few thousand steps, measured in the README's results",
     "min_lr": "the tiny recipe: a few thousand steps, measured in the README's results",
-    "clip": "the tiny recipe, measured in the README's results (the paper clips nothing)",
+    "clip": "the tiny recipe, measured in the README's results",
     "max_steps": "minutes on a CPU",
     "modality_dropout": "without it the tiny model learns the audio facts and ignores the frames",
     "cache_features": "the frozen encoders run once per clip: about four times the steps in the same time",

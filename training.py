@@ -1,9 +1,12 @@
 """Training plumbing shared by train_align.py and train_caption.py (imported, never copied).
 
-Owns: device and precision, torchrun DDP set-up (gloo on CPU, NCCL on GPU), seeds, AdamW
-parameter groups and the paper's warm-up + cosine learning rate (DESIGN.md section 7), one
-optimisation step with gradient accumulation and clipping, atomic checkpoints that resume
-exactly (model, optimizer, step, RNG states, data position), the JSONL metrics log and rank-0
+Owns: the flags the scripts share (training flags with per-preset defaults, the decoding
+flags of sample.py and of stage 2's evaluation) and run_script, which turns input errors into
+one `error:` line and exit code 2; device and precision, torchrun DDP set-up (gloo on CPU,
+NCCL on GPU), seeds, AdamW parameter groups and the paper's warm-up + cosine learning rate
+(DESIGN.md section 7), one optimisation step with gradient accumulation and clipping, atomic
+checkpoints that resume exactly (model, optimizer, step, RNG states, data position), the
+training stream (unreadable clips counted and skipped), the JSONL metrics log and rank-0
 progress bars, and launch_local, a torchrun stand-in that the tests use.
 
 How a training script strings them together (the order matters for the model handles):
