@@ -8,8 +8,10 @@ audio-visual dataset (DESIGN.md section 4).
      applied: CLIP-normalised 224² frames, Kaldi fbank with three chunks as the spectrogram's
      channels. Two deliberate deviations, both MediaConfig fields: no random flip and no
      random audio chunk at evaluation (the original draws both there too);
-  3. the authors' annotation format, a dataset that reports unreadable files instead of
-     crashing or recursing, a collate function with modality masks, a skip tracker;
+  3. the authors' annotation format (several captions per clip allowed; converters from
+     MSR-VTT and VATEX), a dataset of (clip, caption) pairs for training or of clips with all
+     their references for evaluation that reports unreadable files instead of crashing or
+     recursing, a collate function with modality masks, a skip tracker;
   4. a generator of synthetic clips whose captions need both the frames and the sound.
 """
 
@@ -352,9 +354,27 @@ def preprocess_audio(wave, num_mel_bins, target_length, train=False, generator=N
 # 3. Datasets
 
 
+class DataError(ValueError):
+    """The data a run was pointed at cannot be used: an annotation file that is not JSON, a
+    record without its caption field, a split where no clip can be read. The scripts print it
+    as one `error: ...` line and exit with code 2 (training.run_script)."""
+
+
+class UnreadableClips(DataError, RuntimeError):
+    """Too many clips could not be read (SkipTracker, training.batches_forever); the message
+    carries the skip report: how many clips, and why."""
+
+
+AUTHORS_CAPTION_FIELD = "sound_mplug"  # the audio-visual caption the authors trained on
+
+
 def load_annotations(path, caption_field="caption"):
     """The authors' format: a JSON list of records, each with an `id` (the media file's stem)
-    and caption fields; JSON Lines also accepted. Fails with a one-line message."""
+    and caption fields; JSON Lines also accepted. A caption field holds one caption or a list
+    of them (several references of one clip, as MSR-VTT and VATEX give); a clip's `id` may
+    also repeat, each record adding its captions. caption_field=None checks only the ids.
+    Fails with a one-line DataError that names the file (and, for a missing field, the fields
+    the record does have)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"annotation file not found: {path}")
     with open(path) as f:
@@ -363,28 +383,104 @@ def load_annotations(path, caption_field="caption"):
         records = json.loads(text) if text.lstrip().startswith("[") else \
             [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON or JSON Lines ({e.msg} at line {e.lineno})") from None
+        raise DataError(f"{path}: not JSON or JSON Lines ({e.msg} at line {e.lineno})") from None
     if not isinstance(records, list) or not records:
-        raise ValueError(f"{path}: no records")
+        raise DataError(f"{path}: no records")
     for i, r in enumerate(records):
-        if not isinstance(r, dict) or "id" not in r or caption_field not in r:
-            raise ValueError(f"{path}: record {i} lacks 'id' or '{caption_field}'")
+        if not isinstance(r, dict):
+            raise DataError(f"{path}: record {i} is not an object")
+        if "id" not in r or (caption_field is not None and caption_field not in r):
+            raise DataError(f"{path}: record {i} lacks 'id' or '{caption_field}'; "
+                            f"its fields: {', '.join(map(str, r)) or 'none'}")
+        if caption_field is not None:
+            c = r[caption_field]
+            if not (isinstance(c, str) or (isinstance(c, list) and c and all(isinstance(x, str) for x in c))):
+                raise DataError(f"{path}: record {i}: '{caption_field}' is neither a caption nor a list of them")
     return records
+
+
+def caption_field_for(path, given=None):
+    """Which field the captions come from: `given` when the user named one; else
+    `sound_mplug` when the file's first record has it (the authors' annotations, whose
+    `caption`-like fields are not what they trained on); else `caption`.
+    Returns (field, why) so the scripts can say what they chose."""
+    if given:
+        return given, "--caption-field"
+    first = load_annotations(path, None)[0]
+    if AUTHORS_CAPTION_FIELD in first:
+        return AUTHORS_CAPTION_FIELD, f"the records have '{AUTHORS_CAPTION_FIELD}', the authors' training caption"
+    return "caption", f"the records have no '{AUTHORS_CAPTION_FIELD}'"
+
+
+def captions_of(record, field):
+    """A record's captions as a list (a field holds one caption or a list of them)."""
+    c = record[field]
+    return [c] if isinstance(c, str) else list(c)
+
+
+def caption_pairs(records, field):
+    """One record per (clip, caption) pair, what training sees: a record whose field holds a
+    list becomes one copy per caption, each with that one caption in `field`."""
+    return [{**r, field: c} for r in records for c in captions_of(r, field)]
+
+
+def references_by_clip(records, field):
+    """{clip id: [every caption of that clip]}, clips in order of first appearance: the
+    references a generated caption is scored against."""
+    refs = {}
+    for r in records:
+        refs.setdefault(r["id"], []).extend(captions_of(r, field))
+    return refs
+
+
+def clip_records(records, field):
+    """One record per clip (its first), what evaluation captions, with the clip's first
+    caption in `field`; references_by_clip holds the others."""
+    refs, first = references_by_clip(records, field), {}
+    for r in records:
+        first.setdefault(r["id"], r)
+    return [{**first[i], field: refs[i][0]} for i in refs]
+
+
+def from_msrvtt(info, split=None):
+    """MSR-VTT's `videodatainfo.json` ({"videos": [{"video_id", "split", ...}],
+    "sentences": [{"video_id", "caption", ...}]}, loaded) -> annotation records
+    {"id": video_id, "caption": [its 20 captions]}, optionally only the videos of one split
+    ("train", "validate" or "test"). The media files are then `<video_id>.mp4`."""
+    keep = {v["video_id"] for v in info["videos"] if split is None or v.get("split") == split}
+    caps = {}
+    for s in info["sentences"]:
+        if s["video_id"] in keep:
+            caps.setdefault(s["video_id"], []).append(s["caption"])
+    return [{"id": vid, "caption": caps[vid]} for vid in sorted(keep) if vid in caps]
+
+
+def from_vatex(items):
+    """VATEX's annotation list ([{"videoID": ..., "enCap": [10 English captions], ...}],
+    loaded) -> annotation records {"id": videoID, "caption": enCap}. VATEX's ids name the
+    YouTube video and the clip's start and end (`<youtube id>_<start>_<end>`); the media
+    files must be named `<videoID>.mp4`."""
+    return [{"id": v["videoID"], "caption": list(v["enCap"])} for v in items]
 
 
 class AVCaptionDataset(torch.utils.data.Dataset):
     """Clips `data_dir/<id>.mp4` (sound from `<id>.wav` when present) with their captions.
+    Items: one per (clip, caption) pair, what training sees; with by_clip=True one per clip,
+    what evaluation captions once and scores against `references[id]`, every caption of that
+    clip. `records` holds one record per item, its caption in `caption_field`.
     An unreadable clip does not raise: its item carries `error = (path, reason)` and the
     collate function drops it, so a training loop can count and report skips."""
 
     def __init__(self, annotations, data_dir, media: MediaConfig, caption_field="caption",
-                 train=False, modalities="video+audio", seed=0):
+                 train=False, modalities="video+audio", seed=0, by_clip=False):
         media.check()
         if modalities not in ("video+audio", "video", "audio"):
             raise ValueError(f"unknown modalities {modalities!r}")
         if not os.path.isdir(data_dir):
             raise FileNotFoundError(f"data folder not found: {data_dir}")
-        self.records = load_annotations(annotations, caption_field)
+        records = load_annotations(annotations, caption_field)
+        self.references = references_by_clip(records, caption_field)
+        self.records = clip_records(records, caption_field) if by_clip else caption_pairs(records, caption_field)
         self.data_dir, self.media, self.caption_field = data_dir, media, caption_field
         self.train, self.modalities, self.seed = train, modalities, seed
         self.epoch = 0
@@ -471,7 +567,7 @@ class SkipTracker:
                 warnings.warn(f"skipping {path}: {reason}", stacklevel=2)
         skipped = sum(self.reasons.values())
         if self.seen >= self.min_items and skipped > self.max_skip_fraction * self.seen:
-            raise RuntimeError(f"{skipped} of {self.seen} clips unreadable, above the limit of "
+            raise UnreadableClips(f"{skipped} of {self.seen} clips unreadable, above the limit of "
                                f"{self.max_skip_fraction:.0%}: {self.report()}")
 
     def report(self):

@@ -1,15 +1,15 @@
 """Evaluation measures, in one place for both stages.
 
   caption_metrics: BLEU-4, METEOR, ROUGE-L and CIDEr through pycocoevalcap, as papers report
-    them (its PTB tokenizer and METEOR run on Java; without Java a plain tokenizer is used,
-    METEOR is left out, and the result says so).
+    them, against every reference of a clip (its PTB tokenizer and METEOR run on Java; without
+    Java a plain tokenizer is used, METEOR is left out, and the result says so);
+  check_caption_metrics: the start-up check that pycocoevalcap is there, and whether Java is.
   retrieval_recall: R@k for cross-modal retrieval from a similarity matrix (stage 1).
   attribute_accuracy: exact per-attribute accuracy of generated captions on the embedded set.
 """
 
 import re
 import shutil
-import sys
 
 import torch
 
@@ -19,9 +19,27 @@ def _plain_tokenize(captions):
     return {k: [" ".join(re.findall(r"[a-z0-9]+", c.lower())) for c in v] for k, v in captions.items()}
 
 
+def check_caption_metrics():
+    """What a training script calls at start-up, so that a missing dependency stops the run
+    before training rather than at the first evaluation: raises ModuleNotFoundError when
+    pycocoevalcap is not installed; returns a line saying how captions will be scored (Java
+    runs METEOR and the PTB tokenizer; without it they are left out)."""
+    try:
+        import pycocoevalcap  # noqa: F401
+    except ImportError:
+        raise ModuleNotFoundError("pycocoevalcap is not installed, and the caption metrics need it: "
+                                  "pip install pycocoevalcap", name="pycocoevalcap") from None
+    if shutil.which("java") is None:
+        return ("metrics: java not found: METEOR is left out and a plain tokenizer replaces PTB's, "
+                "so scores are not comparable to papers (install a Java runtime to fix)")
+    return "metrics: BLEU-4, METEOR, ROUGE-L, CIDEr with the PTB tokenizer (pycocoevalcap, java)"
+
+
 def caption_metrics(references, predictions, use_java=None):
-    """references: {id: [str, ...]}, predictions: {id: str}. Returns a dict with BLEU-4,
-    METEOR (when Java is there), ROUGE-L, CIDEr and `tokenizer` naming the tokenizer used."""
+    """references: {id: [str, ...]}, every reference caption of a clip (papers score against
+    all of them: MSR-VTT has 20 per video); predictions: {id: str}. Returns a dict with
+    BLEU-4, METEOR (when Java is there), ROUGE-L, CIDEr and `tokenizer` naming the tokenizer
+    used."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -35,7 +53,6 @@ def caption_metrics(references, predictions, use_java=None):
         tok = PTBTokenizer()
         gts, res = tok.tokenize(gts), tok.tokenize(res)
     else:
-        print("metrics: java not found, using a plain tokenizer and leaving METEOR out", file=sys.stderr)
         gts = _plain_tokenize({k: [d["caption"] for d in v] for k, v in gts.items()})
         res = _plain_tokenize({k: [d["caption"] for d in v] for k, v in res.items()})
     out = {"tokenizer": "ptb" if use_java else "plain"}

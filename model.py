@@ -86,19 +86,21 @@ class UniQ4CapConfig:
     video: VisionConfig = field(default_factory=VisionConfig)
     audio: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
-    max_text_len: int = 32  # caption tokens including [DEC] and [SEP]
+    max_text_len: int = 32  # caption tokens kept in training, [DEC] and [SEP] included (the original's 32)
     label_smoothing: float = 0.1
-    # The authors froze the encoders but left them in training mode, so video patch dropout
-    # silently stayed on. Here it is a deliberate switch, off by default.
+    # The authors froze the encoders but left them in training mode, so the frozen video
+    # tower dropped half its patches in stage-2 training (and none in evaluation). Here that
+    # is a named switch: on in the full preset (the paper's training), off in the tiny one.
     frozen_patch_dropout: bool = False
 
 
 def full_config(vocab_size=28997):
-    """The paper's setting (DESIGN.md sections 2-3)."""
+    """The paper's setting (DESIGN.md sections 2-3, 7), frozen video patch dropout included."""
     return UniQ4CapConfig(
         video=VisionConfig(image_size=(224, 224), num_frames=8, temporal=True, patch_dropout=0.5),
         audio=VisionConfig(image_size=(112, 1036), num_frames=1, temporal=False),
         qformer=QFormerConfig(vocab_size=vocab_size),
+        frozen_patch_dropout=True,
     )
 
 
@@ -676,8 +678,12 @@ class UniQ4Cap(nn.Module):
                  length_penalty=1.0, top_k=0, top_p=0.9, temperature=1.0, min_length=1,
                  max_length=30, repetition_penalty=1.0, num_captions=1, use_cache=True):
         """Caption each clip. method: "greedy", "beam" (num_beams, length_penalty) or "sample"
-        (top_k and/or nucleus top_p, temperature). Lengths count generated tokens, [SEP]
-        included; [SEP] is blocked until min_length. repetition_penalty > 1 makes tokens
+        (top_k and/or nucleus top_p, temperature). Lengths count the caption's tokens as HF's
+        generate does, the [DEC] start token included: at most max_length - 1 tokens are
+        generated ([SEP] among them), and [SEP] is blocked until the caption holds min_length
+        tokens (so the original's max_length=30, min_length=10 mean the same here). One
+        meaning everywhere: sample.py's and train_caption.py's --max-length / --min-length
+        pass straight through. repetition_penalty > 1 makes tokens
         already generated less likely (CTRL's rule). Returns token ids
         (B * num_captions, L) without the leading [DEC], padded after [SEP], the
         captions of clip b in rows b*num_captions ... (b+1)*num_captions - 1.
@@ -702,7 +708,7 @@ class UniQ4Cap(nn.Module):
         seq = torch.full((B, 1), q.bos_token_id, dtype=torch.long, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         step = _TextStepper(self, memory, memory_mask, num_captions, use_cache)
-        for t in range(max_length):
+        for t in range(max_length - 1):  # the [DEC] already in `seq` counts
             logits = self._adjust_logits(step(seq), seq, t, min_length, repetition_penalty)
             if method == "greedy":
                 nxt = logits.argmax(dim=-1)
@@ -717,14 +723,15 @@ class UniQ4Cap(nn.Module):
         return seq[:, 1:]
 
     def _adjust_logits(self, logits, seq, t, min_length, repetition_penalty):
-        """logits (N, V) of step t (0-based) given seq (N, 1+t) -> float32 logits to choose from."""
+        """logits (N, V) of step t (0-based) given seq (N, 1+t) -> float32 logits to choose from.
+        [SEP] is blocked while the caption so far, [DEC] included, is shorter than min_length."""
         logits = logits.float()
         if repetition_penalty != 1.0 and seq.size(1) > 1:
             prev = seq[:, 1:]
             picked = logits.gather(1, prev)
             picked = torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty)
             logits = logits.scatter(1, prev, picked)
-        if t + 1 < min_length:
+        if t + 1 < min_length:  # t + 1 = seq.size(1), the caption so far with its [DEC]
             logits[:, self.cfg.qformer.sep_token_id] = float("-inf")
         return logits
 
@@ -732,14 +739,15 @@ class UniQ4Cap(nn.Module):
                      repetition_penalty, num_captions):
         """Keep the K best partial captions per clip by summed log-probability; a caption that
         emits [SEP] is set aside scored by sum / length**length_penalty. A clip is done once it
-        has K finished captions (or at max_length, when its open beams are finished too)."""
+        has K finished captions (or at max_length, [DEC] included, when its open beams are
+        finished too)."""
         q = self.cfg.qformer
         device = self.query_tokens.device
         seq = torch.full((B * K, 1), q.bos_token_id, dtype=torch.long, device=device)
         scores = torch.zeros(B, K, device=device)
         scores[:, 1:] = float("-inf")  # all beams start equal: let only the first one expand
         done = [[] for _ in range(B)]  # per clip: (score, tokens)
-        for t in range(max_length):
+        for t in range(max_length - 1):  # the [DEC] already in `seq` counts
             logits = self._adjust_logits(step(seq), seq, t, min_length, repetition_penalty)
             logp = F.log_softmax(logits, dim=-1)  # (B*K, V)
             V = logp.size(-1)

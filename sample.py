@@ -5,12 +5,17 @@
     python sample.py --video folder/ --num-captions 3 --decode sample
     python sample.py --video x.mp4 --ckpt checkpoint_N.pth --preset full \\
         --video-encoder video.pth --audio-encoder audio.pth --bert bert-base-cased
+    python sample.py --video x.mp4 --decode sample --top-p 0.9 --top-k 50 \\
+        --min-length 10 --max-length 30                     # the original's evaluation decoding
 
 --ckpt defaults to train_caption.py's output (out/caption/best.pth), which carries its config,
 tokenizer and encoder files. The authors' stage-2 checkpoint works too, given their encoders
-and bert-base-cased's vocabulary. A video without a soundtrack is captioned from its frames
-alone (the audio tokens are masked out), and the output says so. An unreadable file gives a
-one-line error naming it and a non-zero exit code.
+and bert-base-cased's vocabulary. A folder is captioned file by file: every file PyAV can
+open with a video stream, whatever its extension (a `<stem>.wav` beside a video is that
+video's soundtrack, not a file to caption); the others are listed on stderr as not videos.
+A video without a soundtrack is captioned from its frames alone (the audio tokens are masked
+out), and the output says so. A named file that cannot be read gives a one-line error naming
+it and a non-zero exit code. Lengths count tokens as HF's generate does, [DEC] included.
 """
 
 import argparse
@@ -18,12 +23,12 @@ import json
 import os
 import sys
 
+import av
 import torch
 
 import data
 import model as M
-
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+import training as T
 
 
 def get_args(argv=None):
@@ -35,16 +40,10 @@ def get_args(argv=None):
     p.add_argument("--video-encoder", default=None, help="video encoder file (overrides the checkpoint's)")
     p.add_argument("--audio-encoder", default=None, help="audio encoder file (overrides the checkpoint's)")
     p.add_argument("--bert", default=None, help="folder with bert-base-cased's vocab.txt (authors' checkpoints)")
-    p.add_argument("--decode", default="greedy", choices=["greedy", "beam", "sample"], help="decoding method")
-    p.add_argument("--num-beams", type=int, default=5, help="beams for --decode beam")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass for --decode sample")
-    p.add_argument("--top-k", type=int, default=0, help="top-k for --decode sample (0: off)")
+    T.add_decoding_args(p)
     p.add_argument("--num-captions", type=int, default=1, help="captions per video")
-    p.add_argument("--min-length", type=int, default=1, help="fewest generated tokens")
-    p.add_argument("--max-length", type=int, default=30, help="most generated tokens")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats")
     p.add_argument("--seed", type=int, default=0, help="seed for --decode sample")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     return p.parse_args(argv)
 
 
@@ -73,14 +72,36 @@ def load_captioner(args):
     return net.eval().to(args.device), tokenizer
 
 
+def video_stream_problem(path):
+    """None when PyAV opens `path` and finds a video stream in it, else why not."""
+    try:
+        with av.open(path) as container:
+            return None if container.streams.video else "no video stream"
+    except (av.FFmpegError, UnicodeDecodeError, OSError) as e:
+        return f"cannot open ({type(e).__name__})"
+
+
 def list_videos(paths):
-    files = []
+    """-> (files to caption, [(path, why) of folder entries that are not videos]). Named
+    files are all tried (their errors are reported when captioned); a folder's files are
+    probed, whatever their extension, and a video's sidecar `<stem>.wav` is left out."""
+    files, not_videos = [], []
     for p in paths:
-        if os.path.isdir(p):
-            files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(VIDEO_EXTENSIONS))
-        else:
+        if not os.path.isdir(p):
             files.append(p)
-    return files
+            continue
+        entries = sorted(os.path.join(p, f) for f in os.listdir(p))
+        entries = [f for f in entries if os.path.isfile(f)]
+        sidecars = {data.audio_source(f) for f in entries if data.audio_source(f) != f}
+        for f in entries:
+            if f in sidecars:
+                continue  # the soundtrack of another file in this folder
+            why = video_stream_problem(f)
+            if why:
+                not_videos.append((f, why))
+            else:
+                files.append(f)
+    return files, not_videos
 
 
 def caption_file(net, tokenizer, path, args):
@@ -93,15 +114,16 @@ def caption_file(net, tokenizer, path, args):
     torch.manual_seed(args.seed)
     ids = net.generate(video=video[None].to(args.device),
                        audio=audio[None].to(args.device) if has_audio else None,
-                       method=args.decode, num_beams=args.num_beams, top_p=args.top_p, top_k=args.top_k,
-                       num_captions=args.num_captions, min_length=args.min_length,
-                       max_length=args.max_length, repetition_penalty=args.repetition_penalty)
+                       num_captions=args.num_captions, **T.decoding_kwargs(args))
     return [tokenizer.decode(row) for row in ids.cpu()], has_audio
 
 
 def main(argv=None):
     args = get_args(argv)
-    files = list_videos(args.video)
+    args.device = T.setup_device(args.device)
+    files, not_videos = list_videos(args.video)
+    for path, why in not_videos:
+        print(f"not a video, skipped: {path}: {why}", file=sys.stderr)
     if not files:
         print("error: no video files found in " + " ".join(args.video), file=sys.stderr)
         return 2

@@ -145,6 +145,15 @@ def main(argv=None):
     ddp, rank, local_rank, world, device, dtype, ctx = T.setup_run(args)
     cfg = M.PRESETS[args.preset]()
     mode = args.train or ("all" if args.preset == "tiny" else "last-k")
+    # the data first: a bad path or annotation file stops the run before the encoders load
+    data_dir, anns = T.resolve_data_paths(args)
+    args.caption_field, _ = data.caption_field_for(anns["train"], args.caption_field)
+    media = data.MediaConfig.from_model(cfg)
+    # one item per clip: the captions play no part in alignment, and a clip twice in a batch
+    # would be its own negative
+    train_set = data.AVCaptionDataset(anns["train"], data_dir, media, args.caption_field, train=True, seed=args.seed,
+                                      by_clip=True)
+    test_set = data.AVCaptionDataset(anns["test"], data_dir, media, args.caption_field, train=False, by_clip=True)
 
     aligner = Aligner(cfg)
     for path, enc in ((args.video_init, aligner.video_encoder), (args.audio_init, aligner.audio_encoder)):
@@ -159,10 +168,6 @@ def main(argv=None):
         ddp_model = model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     optimizer = T.make_optimizer(aligner, args.lr, args.weight_decay, device_type=device.type)
 
-    data_dir, anns = T.resolve_data_paths(args)
-    media = data.MediaConfig.from_model(cfg)
-    train_set = data.AVCaptionDataset(anns["train"], data_dir, media, args.caption_field, train=True, seed=args.seed)
-    test_set = data.AVCaptionDataset(anns["test"], data_dir, media, args.caption_field, train=False)
     sampler = T.EpochSampler(len(train_set), args.seed, rank, world)
     loader_fn = lambda: T.make_loader(train_set, args.batch_size, sampler, args.num_workers, data.collate)
 
@@ -229,4 +234,4 @@ def fmt(m):
 
 
 if __name__ == "__main__":
-    main()
+    T.run_script(main)

@@ -6,10 +6,22 @@ on the validation split and scored with BLEU-4, METEOR, ROUGE-L and CIDEr (and, 
 set, exact attribute accuracy); the best checkpoint by CIDEr is kept and finally scored on the
 test split.
 
+Evaluation captions each clip once and scores it against every reference of that clip (a
+caption field holding a list, or records repeating an `id`); training sees every (clip,
+caption) pair.
+
+--preset full defaults to the paper's recipe (DESIGN.md section 7): frozen video patch dropout
+0.5 in training, no modality dropout, AdamW at 2e-4 after a 5,000-step warm-up from 2e-6,
+cosine to 2e-5, weight decay 0.05, no gradient clipping, batch 16. --preset tiny keeps its own
+values; --help lists both, and a run prints its values and why they differ from full's.
+
 With the tiny preset the frozen encoders run once per clip and training reads their cached
 outputs (cache.py; --no-cache-features turns this off, --cache-features turns it on for the full
 preset): four times as many steps in the same time, at the price of the random flip and random
-audio chunk, which a cache cannot keep.
+audio chunk, which a cache cannot keep, and of frozen patch dropout (a cache holds one view).
+
+The original's evaluation decoding: --decode sample --top-p 0.9 --top-k 50 --min-length 10
+--max-length 30 (lengths count the [DEC] start token, as HF's generate does).
 
     python train_caption.py                                  # tiny, embedded data, CPU
     python train_caption.py --modalities video               # a video-only model
@@ -36,14 +48,51 @@ import training as T
 MODALITIES = {"video+audio": (True, True), "video": (True, False), "audio": (False, True)}
 
 
+# Flag defaults that depend on --preset. full: the paper's recipe (DESIGN.md section 7; it
+# gives no step count: 60,000 is this project's choice). tiny: a few minutes on a 2-core CPU.
+RECIPE = {
+    "batch_size": {"full": 16, "tiny": 32},
+    "lr": {"full": 2e-4, "tiny": 1e-3},
+    "warmup_lr": {"full": 2e-6, "tiny": 1e-5},
+    "warmup_steps": {"full": 5000, "tiny": 50},
+    "min_lr": {"full": 2e-5, "tiny": 1e-4},
+    "weight_decay": {"full": 0.05, "tiny": 0.05},
+    "clip": {"full": 0.0, "tiny": 1.0},
+    "max_steps": {"full": 60000, "tiny": 4500},
+    "modality_dropout": {"full": 0.0, "tiny": 0.3},
+    "cache_features": {"full": False, "tiny": True},
+    "frozen_patch_dropout": {"full": True, "tiny": False},
+}
+# why the tiny preset's defaults differ from the paper's (printed at start)
+TINY_REASONS = {
+    "batch_size": "one process instead of the paper's 8 GPUs of 16",
+    "lr": "the tiny recipe: a few thousand steps, measured in the README's results",
+    "warmup_lr": "the tiny recipe: a few thousand steps, measured in the README's results",
+    "warmup_steps": "the tiny recipe: a few thousand steps, measured in the README's results",
+    "min_lr": "the tiny recipe: a few thousand steps, measured in the README's results",
+    "clip": "the tiny recipe, measured in the README's results",
+    "max_steps": "minutes on a CPU",
+    "modality_dropout": "without it the tiny model learns the audio facts and ignores the frames",
+    "cache_features": "the frozen encoders run once per clip: about four times the steps in the same time",
+    "frozen_patch_dropout": "the tiny recipe, measured without it in the README's results",
+}
+CACHE_VIEW = "a feature cache holds one view of each clip, so no random patches"
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(M.PRESETS), help="model size")
+    p.add_argument("--preset", default="tiny", choices=sorted(M.PRESETS),
+                   help="model size and recipe (full: the paper's)")
     p.add_argument("--modalities", default="video+audio", choices=sorted(MODALITIES),
                    help="what the model reads, in training and evaluation")
-    p.add_argument("--modality-dropout", type=float, default=0.3,
-                   help="probability of hiding a clip's audio (or, half as often, its video) in training; "
-                        "without it the tiny model learns the audio facts and ignores the frames")
+    p.add_argument("--modality-dropout", type=float, default=None,
+                   help="probability of hiding a clip's audio (or, half as often, its video) in training; the "
+                        "paper has none (default: " + T.per_preset(RECIPE["modality_dropout"]) + ")")
+    p.add_argument("--frozen-patch-dropout", action=argparse.BooleanOptionalAction, default=None,
+                   help="the frozen video tower keeps a random half of each video's patches in training (the "
+                        "same in every frame, the class token always), none at evaluation, as the original "
+                        "trained; a feature cache cannot keep it (default: "
+                        + T.per_preset(RECIPE["frozen_patch_dropout"]) + ")")
     p.add_argument("--align-dir", default="out/align", help="where train_align.py left video.pth / audio.pth")
     p.add_argument("--video-encoder", default=None, help="video encoder file (LanguageBind HF file or video.pth)")
     p.add_argument("--audio-encoder", default=None, help="audio encoder file (LanguageBind HF file or audio.pth)")
@@ -53,20 +102,33 @@ def get_args(argv=None):
     p.add_argument("--vocab-size", type=int, default=1000, help="WordPiece vocabulary trained when no --bert")
     p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: preset default)")
     p.add_argument("--eval-max", type=int, default=0, help="clips per validation (0: all)")
-    p.add_argument("--decode", default="greedy", choices=["greedy", "beam", "sample"], help="decoding for evaluation")
     p.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=None,
                    help="compute the frozen encoders once per clip (evaluation preprocessing: no flip, middle "
-                        "audio chunks) and train and evaluate from their fp16 outputs on disk (cache.py); "
-                        "default: on for the tiny preset, off for the full one (the paper's augmentation)")
+                        "audio chunks, no patch dropout) and train and evaluate from their fp16 outputs on disk "
+                        "(cache.py) (default: " + T.per_preset(RECIPE["cache_features"]) + ")")
     p.add_argument("--cache-dir", default="out/cache", help="where --cache-features keeps the encoder outputs")
-    p.add_argument("--max-caption-len", type=int, default=30, help="generated tokens at most ([SEP] included)")
     p.add_argument("--out-dir", default="out/caption", help="checkpoints and metrics")
     T.add_data_args(p)
-    T.add_common_args(p, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=50,
-                      max_steps=4500)
+    T.add_decoding_args(p)
+    T.add_common_args(p, **{k: v for k, v in RECIPE.items() if k not in ("modality_dropout", "cache_features",
+                                                                        "frozen_patch_dropout")})
     args = p.parse_args(argv)
+    args.recipe_given = [d for d in RECIPE if getattr(args, d) is not None]
+    args.recipe_reasons = dict(TINY_REASONS) if args.preset == "tiny" else {}
+    # a feature cache holds one view of each clip, which patch dropout would change at every
+    # step: a flag given on the command line wins, a defaulted one gives way, both is an error
+    if args.cache_features and args.frozen_patch_dropout:
+        p.error("--frozen-patch-dropout needs the frozen encoders to run on every batch, and "
+                "--cache-features holds one view of each clip: choose one")
+    if args.frozen_patch_dropout and args.cache_features is None:
+        args.cache_features = False
+        args.recipe_reasons["cache_features"] = "--frozen-patch-dropout needs the encoders on every batch"
     if args.cache_features is None:
-        args.cache_features = args.preset == "tiny"
+        args.cache_features = RECIPE["cache_features"][args.preset]
+    if args.cache_features and args.frozen_patch_dropout is None:
+        args.frozen_patch_dropout = False
+        args.recipe_reasons["frozen_patch_dropout"] = CACHE_VIEW
+    T.fill_preset_defaults(args, RECIPE)
     return args
 
 
@@ -118,27 +180,39 @@ def model_inputs(batch, device, cached=False):
 
 
 @torch.no_grad()
-def evaluate(net, dataset, tokenizer, device, ctx, args, limit=0):
-    """Caption the clips and score them: BLEU-4, METEOR, ROUGE-L, CIDEr, and exact attribute
-    accuracy when the records carry attributes (the embedded set)."""
+def evaluate(net, dataset, references, tokenizer, device, ctx, args, limit=0):
+    """Caption each clip of `dataset` (one item per clip) once, with the decoding flags, and
+    score it against every caption `references` ({id: [str, ...]}) gives that clip: BLEU-4,
+    METEOR, ROUGE-L, CIDEr, and exact attribute accuracy when the records carry attributes
+    (the embedded set). Unreadable clips are left out and counted."""
     was_training = net.training
     net.eval()
     n = len(dataset) if not limit else min(limit, len(dataset))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=args.batch_size,
                                          collate_fn=data.collate, num_workers=args.num_workers)
-    preds, refs, records = {}, {}, []
-    for batch in loader:
-        with ctx:
-            ids = net.generate(**model_inputs(batch, device, args.cache_features), method=args.decode, max_length=args.max_caption_len)
-        for rec, row in zip(batch["records"], ids.cpu()):
-            preds[rec["id"]] = tokenizer.decode(row)
-            refs[rec["id"]] = [rec[args.caption_field]]
-            records.append(rec)
-    out = metrics.caption_metrics(refs, preds)
-    if records and "attributes" in records[0]:
+    preds, records, skipped = {}, [], 0
+    # sampling and the loader's worker seeds draw from the global generators: evaluate on a
+    # fork of them, seeded, so an evaluation neither moves training's random stream nor
+    # changes from one evaluation to the next
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed)
+        for batch in loader:
+            skipped += len(batch["skipped"])
+            if not batch["ids"]:
+                continue
+            with ctx:
+                ids = net.generate(**model_inputs(batch, device, args.cache_features), **T.decoding_kwargs(args))
+            for rec, row in zip(batch["records"], ids.cpu()):
+                preds[rec["id"]] = tokenizer.decode(row)
+                records.append(rec)
+    if not preds:
+        raise data.UnreadableClips(f"no evaluation clip could be read ({skipped} of {n} skipped)")
+    out = metrics.caption_metrics({k: references[k] for k in preds}, preds)
+    if "attributes" in records[0]:
         out["attributes"] = metrics.attribute_accuracy(records, [preds[r["id"]] for r in records],
                                                        data.parse_attributes)
-    out["clips"] = len(records)
+    out["clips"], out["skipped"] = len(records), skipped
+    out["references"] = sum(len(references[k]) for k in preds)
     out["examples"] = {k: preds[k] for k in list(preds)[:3]}
     net.train(was_training)
     return out
@@ -154,12 +228,19 @@ def save_model(path, net, tokenizer, encoders, step, scores):
 
 def main(argv=None):
     args = get_args(argv)
+    metrics_note = metrics.check_caption_metrics()  # a missing dependency stops the run now, not at evaluation
     ddp, rank, local_rank, world, device, dtype, ctx = T.setup_run(args)
     data_dir, anns = T.resolve_data_paths(args)
-    train_records = data.load_annotations(anns["train"], args.caption_field)
+    args.caption_field, why = data.caption_field_for(anns["train"], args.caption_field)
+    # every annotation file is checked before the (possibly large) model is built
+    records = {split: data.load_annotations(path, args.caption_field) for split, path in anns.items()}
+    train_records = data.caption_pairs(records["train"], args.caption_field)
     tokenizer = build_tokenizer(args, train_records, args.out_dir)
     cfg = tokenizer.configure(M.PRESETS[args.preset]())
-    cfg.max_text_len = args.max_caption_len + 2
+    cfg.frozen_patch_dropout = args.frozen_patch_dropout
+    T.print0(f"recipe (--preset {args.preset}; full is the paper's):\n"
+             + "\n".join(T.describe_recipe(args, RECIPE, args.recipe_given, args.recipe_reasons)))
+    T.print0(f"caption field: '{args.caption_field}' ({why})\n{metrics_note}")
 
     net = M.UniQ4Cap(cfg)
     encoders = encoder_files(args)
@@ -196,9 +277,11 @@ def main(argv=None):
     media = data.MediaConfig.from_model(cfg)
     train_set = data.AVCaptionDataset(anns["train"], data_dir, media, args.caption_field,
                                       train=not args.cache_features, modalities=args.modalities, seed=args.seed)
-    val_set = data.AVCaptionDataset(anns["val"], data_dir, media, args.caption_field, modalities=args.modalities)
-    test_set = data.AVCaptionDataset(anns["test"], data_dir, media, args.caption_field, modalities=args.modalities)
-    T.print0("feature cache: " + ("on: training without flips or random audio chunks (--no-cache-features to keep them)"
+    val_set, test_set = (data.AVCaptionDataset(anns[split], data_dir, media, args.caption_field,
+                                               modalities=args.modalities, by_clip=True) for split in ("val", "test"))
+    val_refs, test_refs = val_set.references, test_set.references
+    T.print0("feature cache: " + ("on: training without flips, random audio chunks or patch dropout "
+                                  "(--no-cache-features to keep them)"
                                   if args.cache_features else "off: the encoders run on every batch"))
     if args.cache_features:
         # from here on the datasets yield encoder outputs instead of pixels and spectrograms
@@ -220,7 +303,9 @@ def main(argv=None):
         T.restore_rng_state(ckpt["rng"])
         T.print0(f"resumed from {args.resume} at step {step}")
     T.print0(f"stage 2 ({args.preset}, {args.modalities}): {net.num_params(True) / 1e6:.2f}M trainable "
-             f"parameters on {device}, {len(train_set)} training clips, vocabulary {cfg.qformer.vocab_size}")
+             f"parameters on {device}, {len(train_set)} training (clip, caption) pairs of "
+             f"{len({r['id'] for r in records['train']})} clips, "
+             f"vocabulary {cfg.qformer.vocab_size}")
 
     log = T.MetricsLogger(os.path.join(args.out_dir, "metrics.jsonl"))
     tracker = data.SkipTracker(args.max_skip_fraction)
@@ -239,7 +324,7 @@ def main(argv=None):
         rng = T.all_rng_states()  # a collective: every rank hands over its generators
         if T.is_master():
             if step % eval_every == 0 or step == args.max_steps:
-                scores = evaluate(net, val_set, tokenizer, device, ctx, args, args.eval_max)
+                scores = evaluate(net, val_set, val_refs, tokenizer, device, ctx, args, args.eval_max)
                 log.log(step=step, val=scores)
                 bar.write(f"step {step} val: " + fmt(scores))
                 if best is None or scores["CIDEr"] > best["CIDEr"]:
@@ -261,11 +346,12 @@ def main(argv=None):
 
     if T.is_master():
         M.map_stage2(net, T.load_checkpoint(os.path.join(args.out_dir, "best.pth"))["model"], "best.pth")
-        test = evaluate(net, test_set, tokenizer, device, ctx, args)
+        test = evaluate(net, test_set, test_refs, tokenizer, device, ctx, args)
         T.print0(f"test (best by val CIDEr, step {best['step']}): " + fmt(test))
         T.write_json(os.path.join(args.out_dir, "metrics.json"),
                      {"test": test, "best_step": best["step"], "modalities": args.modalities,
-                      "preset": args.preset, "steps": step, "encoders": encoders})
+                      "preset": args.preset, "steps": step, "encoders": encoders,
+                      "decoding": T.decoding_kwargs(args)})
         T.print0(f"wrote {args.out_dir}/best.pth and metrics.json")
     T.cleanup_distributed(ddp)
     return losses_seen
@@ -279,4 +365,4 @@ def fmt(s):
 
 
 if __name__ == "__main__":
-    main()
+    T.run_script(main)

@@ -1,9 +1,12 @@
 """Training plumbing shared by train_align.py and train_caption.py (imported, never copied).
 
-Owns: device and precision, torchrun DDP set-up (gloo on CPU, NCCL on GPU), seeds, AdamW
-parameter groups and the paper's warm-up + cosine learning rate (DESIGN.md section 7), one
-optimisation step with gradient accumulation and clipping, atomic checkpoints that resume
-exactly (model, optimizer, step, RNG states, data position), the JSONL metrics log and rank-0
+Owns: the flags the scripts share (training flags with per-preset defaults, the decoding
+flags of sample.py and of stage 2's evaluation) and run_script, which turns input errors into
+one `error:` line and exit code 2; device and precision, torchrun DDP set-up (gloo on CPU,
+NCCL on GPU), seeds, AdamW parameter groups and the paper's warm-up + cosine learning rate
+(DESIGN.md section 7), one optimisation step with gradient accumulation and clipping, atomic
+checkpoints that resume exactly (model, optimizer, step, RNG states, data position), the
+training stream (unreadable clips counted and skipped), the JSONL metrics log and rank-0
 progress bars, and launch_local, a torchrun stand-in that the tests use.
 
 How a training script strings them together (the order matters for the model handles):
@@ -26,8 +29,9 @@ import glob
 import json
 import math
 import os
-import socket
 import random
+import socket
+import sys
 import tempfile
 from contextlib import nullcontext
 
@@ -41,29 +45,110 @@ from tqdm import tqdm
 
 
 def add_common_args(p, **defaults):
-    """Flags both training scripts take. `defaults` overrides a flag's default by dest name."""
+    """Flags both training scripts take. `defaults` overrides a flag's default by dest name;
+    a dict {preset: value} makes the default depend on --preset: the flag's default is then
+    None, --help lists the values, and fill_preset_defaults sets it after parsing."""
     d = dict(device="auto", dtype="auto", seed=42, batch_size=8, grad_accum=1, clip=1.0, lr=1e-4,
              min_lr=1e-5, warmup_lr=1e-6, warmup_steps=50, max_steps=1000, weight_decay=0.05)
     d.update(defaults)
-    p.add_argument("--device", default=d["device"], help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    p.add_argument("--dtype", default=d["dtype"], choices=["auto", "float32", "bfloat16"],
-                   help="autocast dtype; auto: bfloat16 on CUDA, float32 elsewhere")
+
+    def add(flag, help, **kw):
+        dest = flag[2:].replace("-", "_")
+        if isinstance(d.get(dest), dict):
+            p.add_argument(flag, default=None, help=f"{help} (default: {per_preset(d[dest])})", **kw)
+        else:
+            p.add_argument(flag, default=d.get(dest), help=help, **kw)
+
+    add("--device", "auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    add("--dtype", "autocast dtype; auto: bfloat16 on CUDA, float32 elsewhere",
+        choices=["auto", "float32", "bfloat16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--seed", type=int, default=d["seed"], help="random seed (each rank adds its rank)")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="clips per micro-batch per process")
-    p.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="micro-batches per optimizer step")
-    p.add_argument("--clip", type=float, default=d["clip"], help="gradient norm clip (0: off)")
-    p.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate")
-    p.add_argument("--min-lr", type=float, default=d["min_lr"], help="learning rate at the end of the cosine")
-    p.add_argument("--warmup-lr", type=float, default=d["warmup_lr"], help="learning rate at step 0")
-    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], help="linear warm-up steps")
-    p.add_argument("--max-steps", type=int, default=d["max_steps"], help="optimizer steps in all")
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW decay on >=2-D weights")
+    add("--seed", "random seed (each rank adds its rank)", type=int)
+    add("--batch-size", "clips per micro-batch per process", type=int)
+    add("--grad-accum", "micro-batches per optimizer step", type=int)
+    add("--clip", "gradient norm clip (0: off)", type=float)
+    add("--lr", "peak learning rate", type=float)
+    add("--min-lr", "learning rate at the end of the cosine", type=float)
+    add("--warmup-lr", "learning rate at step 0", type=float)
+    add("--warmup-steps", "linear warm-up steps", type=int)
+    add("--max-steps", "optimizer steps in all", type=int)
+    add("--weight-decay", "AdamW decay on >=2-D weights", type=float)
     p.add_argument("--resume", default=None, help="checkpoint to resume from (an error if it does not exist)")
     p.add_argument("--stop-at", type=int, default=0,
                    help="end this run after this step, checkpoint saved, to --resume later (e.g. to fit a "
                         "job's time limit); 0: run to --max-steps")
     return p
+
+
+def _show(value):
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def per_preset(values):
+    """{preset: value} as --help shows it: 'full 0.0002, tiny 0.001'."""
+    return ", ".join(f"{k} {_show(v)}" for k, v in sorted(values.items()))
+
+
+def fill_preset_defaults(args, recipe):
+    """Set every flag of `recipe` ({dest: {preset: value}}) that the command line left None
+    to its value for args.preset."""
+    for dest, values in recipe.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, values[args.preset])
+
+
+def describe_recipe(args, recipe, given, reasons, reference="full"):
+    """Lines saying what this run uses for each flag of `recipe` and, where that differs from
+    the `reference` preset's value, why: "given" for a flag from the command line (`given`),
+    else reasons[dest]."""
+    lines = []
+    for dest, values in recipe.items():
+        value = getattr(args, dest)
+        line = f"  --{dest.replace('_', '-')} {_show(value)}"
+        if value != values[reference]:
+            why = "given" if dest in given else reasons.get(dest, f"the {args.preset} preset's default")
+            line += f"  ({reference}: {_show(values[reference])}; {why})"
+        lines.append(line)
+    return lines
+
+
+def add_decoding_args(p):
+    """The decoding flags of sample.py and of train_caption.py's evaluation (model.generate).
+    Lengths count tokens as HF's generate does, the [DEC] start token included. The original's
+    evaluation decoding is --decode sample --top-p 0.9 --top-k 50 --min-length 10 --max-length 30."""
+    p.add_argument("--decode", default="greedy", choices=["greedy", "beam", "sample"], help="decoding method")
+    p.add_argument("--num-beams", type=int, default=5, help="beams for --decode beam")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass for --decode sample")
+    p.add_argument("--top-k", type=int, default=50, help="top-k for --decode sample (0: off; 50 as HF and the original)")
+    p.add_argument("--min-length", type=int, default=1,
+                   help="[SEP] is allowed once the caption holds this many tokens, [DEC] included "
+                        "(so at least min-length - 1 tokens before [SEP]; the original: 10)")
+    p.add_argument("--max-length", type=int, default=30,
+                   help="longest caption in tokens, [DEC] included: at most max-length - 1 generated "
+                        "tokens, [SEP] among them (the original: 30)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats")
+    return p
+
+
+def decoding_kwargs(args):
+    """The decoding flags as model.generate's keyword arguments."""
+    return dict(method=args.decode, num_beams=args.num_beams, top_p=args.top_p, top_k=args.top_k,
+                min_length=args.min_length, max_length=args.max_length,
+                repetition_penalty=args.repetition_penalty)
+
+
+def run_script(main, argv=None):
+    """Run a script's main(argv). Problems with what the user gave (a missing file or folder,
+    an annotation file or a data set that cannot be used, a missing optional dependency) end
+    with one `error: ...` line on stderr and exit code 2 instead of a traceback."""
+    import data
+    try:
+        return main(argv)
+    except (FileNotFoundError, ModuleNotFoundError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def steps_this_run(args):
@@ -402,7 +487,9 @@ def add_data_args(p):
     p.add_argument("--train-ann", default=None, help="training annotations (JSON list or JSONL; default: embedded)")
     p.add_argument("--val-ann", default=None, help="validation annotations (default: embedded)")
     p.add_argument("--test-ann", default=None, help="test annotations (default: embedded)")
-    p.add_argument("--caption-field", default="caption", help="annotation field holding the caption")
+    p.add_argument("--caption-field", default=None,
+                   help="annotation field holding the caption (or a list of captions); default: "
+                        "'sound_mplug' when the records have it (the authors' annotations), else 'caption'")
     p.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
     p.add_argument("--max-skip-fraction", type=float, default=0.05,
                    help="stop when more than this fraction of clips is unreadable")
@@ -419,10 +506,14 @@ def resolve_data_paths(args):
         if dist.is_initialized():
             dist.barrier()  # the other ranks wait for rank 0 to finish generating
         args.data_dir = data.DEFAULT_EMBEDDED_ROOT
+    if not os.path.isdir(args.data_dir):
+        raise FileNotFoundError(f"data folder not found: {args.data_dir}")
     anns = {}
     for split in ("train", "val", "test"):
         given = getattr(args, f"{split}_ann")
         anns[split] = given or os.path.join(args.data_dir, f"{split}.json")
+        if not os.path.isfile(anns[split]):
+            raise FileNotFoundError(f"{split} annotation file not found: {anns[split]}")
     return args.data_dir, anns
 
 
@@ -467,15 +558,25 @@ def make_loader(dataset, batch_size, sampler, num_workers, collate_fn):
 def batches_forever(dataset, loader_fn, sampler, batch_size, state, tracker=None):
     """Yield training batches epoch after epoch. `state` ({"epoch", "index"}) is the data
     position saved in checkpoints: `index` counts items consumed in the current epoch.
-    Per-epoch skip reports go through `tracker` (data.SkipTracker)."""
+    Per-epoch skip reports go through `tracker` (data.SkipTracker). A batch in which no clip
+    could be read is counted and skipped; an epoch in which none could be read stops the run
+    with data.UnreadableClips and the skip report, instead of training on nothing forever."""
+    import data
     while True:
         dataset.set_epoch(state["epoch"])
         sampler.set_position(state["epoch"], state["index"])
+        whole_epoch, seen, readable = state["index"] == 0, 0, 0  # (a resumed run starts mid-epoch)
         for batch in loader_fn():
             state["index"] += len(batch["ids"]) + len(batch["skipped"])
             if tracker is not None:
                 tracker.update(batch)
-            yield batch
+            seen += len(batch["ids"]) + len(batch["skipped"])
+            readable += len(batch["ids"])
+            if batch["ids"]:
+                yield batch
+        if whole_epoch and seen and not readable:
+            raise data.UnreadableClips("no training clip could be read: "
+                                       + (tracker.report() if tracker is not None else f"{seen} clips"))
         if tracker is not None:
             print0(f"epoch {state['epoch']}: {tracker.report()}")
             tracker.reset()

@@ -1,8 +1,12 @@
 """The scripts users run, end to end on a few generated clips: stage 1 resumes exactly,
-stage 2 trains and saves, sample.py captions a real mp4 (with and without a soundtrack) and
-fails cleanly on a broken one."""
+stage 2 trains and saves, sample.py captions a real mp4 (with and without a soundtrack, or a
+folder of files whatever their extensions) and fails cleanly on a broken one; the full
+preset's defaults are the paper's recipe; input errors end with one `error:` line and exit
+code 2; evaluation scores each clip once against all of its references."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,8 +15,12 @@ import pytest
 import torch
 
 import data
+import metrics
+import model as M
+import sample
 import train_align
 import train_caption
+import training as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,11 +69,18 @@ def run_sample(*args):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
-def test_train_save_and_caption_a_video(clips, tmp_path):
-    out = str(tmp_path / "caption")
+@pytest.fixture(scope="module")
+def trained(clips, tmp_path_factory):
+    """A stage-2 checkpoint after 3 steps from pixels: -> (out dir, best.pth)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    out = str(tmp / "caption")
     train_caption.main(common(clips, out, 3) + ["--eval-every", "3", "--eval-max", "2", "--no-cache-features",
-                                                "--align-dir", str(tmp_path / "no-stage-1")])
-    ckpt = os.path.join(out, "best.pth")
+                                                "--align-dir", str(tmp / "no-stage-1")])
+    return out, os.path.join(out, "best.pth")
+
+
+def test_train_save_and_caption_a_video(clips, trained, tmp_path):
+    out, ckpt = trained
     assert os.path.exists(ckpt) and os.path.exists(os.path.join(out, "metrics.json"))
 
     video = os.path.join(clips, "test_00028.mp4")
@@ -89,3 +104,185 @@ def test_train_save_and_caption_a_video(clips, tmp_path):
     assert r.returncode != 0
     assert "broken.mp4" in r.stderr and "Traceback" not in r.stderr
     assert '"captions"' in r.stdout  # the readable file still gets its JSON line
+
+
+def test_sample_captions_every_video_in_a_folder_whatever_its_extension(clips, trained, tmp_path, capsys):
+    _, ckpt = trained
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name in ("a.mpg", "b.ts", "c.flv", "d.3gp"):  # no extension list decides: PyAV opens each
+        shutil.copy(os.path.join(clips, "test_00028.mp4"), folder / name)
+    (folder / "notes.txt").write_text("not a video")
+    data.write_clip(str(folder / "e.wmv"), np.zeros((8, 32, 32, 3), dtype=np.uint8), None)
+    data.write_test_clip(str(folder / "e.wav"), 0.5, 32, 32)  # e.wmv's soundtrack, not a file to caption
+    # --device left out: auto, as the training scripts
+    assert sample.main(["--video", str(folder), "--ckpt", ckpt, "--max-length", "8"]) == 0
+    out, err = capsys.readouterr()
+    captioned = [os.path.basename(json.loads(line)["video"]) for line in out.strip().splitlines()]
+    assert captioned == ["a.mpg", "b.ts", "c.flv", "d.3gp", "e.wmv"]
+    assert "not a video, skipped: " + str(folder / "notes.txt") in err and "e.wav" not in err
+
+
+def test_max_length_counts_the_dec_token_as_the_original():
+    """The original's max_length 30 / min_length 10 (HF's generate) allow 29 generated tokens,
+    and [SEP] once the caption holds 10 tokens with its [DEC]; the same numbers mean the same."""
+    torch.manual_seed(0)
+    net = M.UniQ4Cap(M.tiny_config()).eval()
+    video = torch.randn(1, 3, 4, 32, 32)
+    sep = net.cfg.qformer.sep_token_id
+    with torch.no_grad():
+        net.Qformer.cls.predictions.bias[sep] = -100.0  # never ends by itself
+    for method in ("greedy", "beam", "sample"):
+        assert net.generate(video, method=method, max_length=30, num_beams=2).shape[1] == 29
+    with torch.no_grad():
+        net.Qformer.cls.predictions.bias[sep] = 100.0  # ends as soon as it may
+    out = net.generate(video, min_length=10, max_length=30)
+    assert out.shape[1] == 10 and out[0, 9] == sep and not (out[0, :9] == sep).any()
+
+
+def test_full_preset_defaults_to_the_papers_recipe_and_tiny_keeps_its_own(capsys):
+    full = train_caption.get_args(["--preset", "full"])
+    assert (full.lr, full.warmup_lr, full.warmup_steps, full.min_lr, full.weight_decay) == (2e-4, 2e-6, 5000, 2e-5, 0.05)
+    assert full.clip == 0 and full.modality_dropout == 0 and full.batch_size == 16  # the original clips nothing
+    assert full.frozen_patch_dropout and not full.cache_features
+    assert M.full_config().frozen_patch_dropout and not M.tiny_config().frozen_patch_dropout
+    tiny = train_caption.get_args([])
+    assert (tiny.lr, tiny.warmup_lr, tiny.warmup_steps, tiny.min_lr, tiny.clip) == (1e-3, 1e-5, 50, 1e-4, 1.0)
+    assert tiny.modality_dropout == 0.3 and tiny.cache_features and not tiny.frozen_patch_dropout
+    lines = T.describe_recipe(tiny, train_caption.RECIPE, tiny.recipe_given, tiny.recipe_reasons)
+    assert any("--modality-dropout 0.3" in l and "ignores the frames" in l for l in lines)  # printed with its reason
+    assert any("--frozen-patch-dropout off" in l and "one view" in l for l in lines)
+    with pytest.raises(SystemExit):
+        train_caption.get_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: full 0.0002, tiny 0.001)" in help_text and "(default: full 0, tiny 0.3)" in help_text
+
+
+def test_feature_cache_and_frozen_patch_dropout_exclude_each_other_visibly(capsys):
+    # full + a cache: patch dropout gives way, and the run says why
+    args = train_caption.get_args(["--preset", "full", "--cache-features"])
+    assert args.cache_features and not args.frozen_patch_dropout
+    assert "one view" in args.recipe_reasons["frozen_patch_dropout"]
+    # tiny + patch dropout: the cache gives way
+    args = train_caption.get_args(["--frozen-patch-dropout"])
+    assert args.frozen_patch_dropout and not args.cache_features
+    # both asked for: an error
+    with pytest.raises(SystemExit) as e:
+        train_caption.get_args(["--preset", "full", "--cache-features", "--frozen-patch-dropout"])
+    assert e.value.code == 2 and "choose one" in capsys.readouterr().err
+
+
+def test_frozen_patch_dropout_halves_the_video_memory_in_training_only():
+    cfg = M.tiny_config()
+    cfg.frozen_patch_dropout = True
+    net = M.UniQ4Cap(cfg)
+    video = torch.randn(2, 3, 4, 32, 32)
+    keep = int(cfg.video.num_patches * 0.5)
+    assert net.train().encode(video)[0].shape[1] == 4 * (1 + keep)  # class token kept in each frame
+    assert net.eval().encode(video)[0].shape[1] == 4 * (1 + cfg.video.num_patches)
+
+
+def run_script(main, argv, capsys):
+    """-> (exit code, stderr) of a script run as from the command line."""
+    with pytest.raises(SystemExit) as e:
+        T.run_script(main, argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def write_json(path, obj):
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+BAD_INPUTS = {
+    "bad annotation JSON": ('[{"id": "a", "caption": "x"},', None, "not JSON"),
+    "missing field": ([{"id": "a", "title": "x"}], "caption", "record 0 lacks 'id' or 'caption'; its fields: id, title"),
+    "missing data folder": ([{"id": "a", "caption": "x"}], None, "data folder not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+@pytest.mark.parametrize("script", [train_caption, train_align], ids=["train_caption", "train_align"])
+def test_bad_input_ends_with_one_error_line_and_exit_code_2(script, case, tmp_path, capsys):
+    content, field, message = BAD_INPUTS[case]
+    ann = tmp_path / "ann.json"
+    ann.write_text(content if isinstance(content, str) else json.dumps(content))
+    folder = tmp_path / ("absent" if case == "missing data folder" else "media")
+    if case != "missing data folder":
+        folder.mkdir()
+    argv = common(str(folder), str(tmp_path / "out"), 2)
+    for split in ("train", "val", "test"):
+        argv += [f"--{split}-ann", str(ann)]
+    argv += ["--caption-field", field] if field else []
+    code, err = run_script(script.main, argv, capsys)
+    assert code == 2 and err.startswith("error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_authors_annotations_use_sound_mplug_and_say_so(tmp_path):
+    ann = write_json(tmp_path / "ann.json", [{"id": "a", "instance_id": 3, "caption": "x", "sound_mplug": "y"}])
+    field, why = data.caption_field_for(ann)
+    assert field == "sound_mplug" and "sound_mplug" in why
+    assert data.caption_field_for(ann, "caption")[0] == "caption"  # a named field wins
+    plain = write_json(tmp_path / "plain.json", [{"id": "a", "caption": "x"}])
+    assert data.caption_field_for(plain)[0] == "caption"
+
+
+def test_a_run_whose_clips_are_all_unreadable_stops_with_the_skip_report(tmp_path, capsys):
+    ann = write_json(tmp_path / "ann.json", [{"id": f"gone{i}", "caption": f"clip {i}"} for i in range(6)])
+    (tmp_path / "media").mkdir()
+    argv = common(str(tmp_path / "media"), str(tmp_path / "out"), 2) + ["--cache-dir", str(tmp_path / "cache"),
+                                                                        "--align-dir", str(tmp_path / "none")]
+    for split in ("train", "val", "test"):
+        argv += [f"--{split}-ann", ann]
+    with pytest.warns(UserWarning, match="skipping"):
+        code, err = run_script(train_caption.main, argv, capsys)
+    assert code == 2 and "no training clip could be read: 6 clips, 6 skipped (missing file: 6)" in err
+    assert "Traceback" not in err and not os.path.exists(tmp_path / "out" / "metrics.jsonl")
+
+
+def test_missing_pycocoevalcap_stops_before_training(clips, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pycocoevalcap", None)  # what an absent package looks like to import
+    code, err = run_script(train_caption.main, common(clips, str(tmp_path / "out"), 2), capsys)
+    assert code == 2 and "pycocoevalcap" in err and not os.path.exists(tmp_path / "out")
+
+
+def test_evaluation_captions_each_clip_once_against_all_its_references(clips, tmp_path, monkeypatch):
+    ann = write_json(tmp_path / "ann.json", [
+        {"id": "val_00024", "caption": ["a red circle moves up", "a circle rises"]},  # a list: two references
+        {"id": "val_00025", "caption": "a blue square moves down"},
+        {"id": "val_00024", "caption": "something red goes up"}])  # a repeated id adds one
+    media = data.MediaConfig.from_model(M.tiny_config())
+    train_set = data.AVCaptionDataset(ann, clips, media)
+    assert sorted(r["caption"] for r in train_set.records) == [  # training: every (clip, caption) pair
+        "a blue square moves down", "a circle rises", "a red circle moves up", "something red goes up"]
+    val_set = data.AVCaptionDataset(ann, clips, media, by_clip=True)
+    assert [r["id"] for r in val_set.records] == ["val_00024", "val_00025"]
+
+    tokenizer = M.Tokenizer.train([r["caption"] for r in train_set.records], 100)
+    net = M.UniQ4Cap(tokenizer.configure(M.tiny_config()))
+    generated, scored = [], {}
+    generate = net.generate
+    monkeypatch.setattr(net, "generate", lambda **kw: generated.append(kw["video"].shape[0]) or generate(**kw))
+    monkeypatch.setattr(metrics, "caption_metrics", lambda refs, preds: scored.update(refs) or {"CIDEr": 0.0})
+    args = train_caption.get_args(["--num-workers", "0", "--no-cache-features", "--batch-size", "8"])
+    out = train_caption.evaluate(net, val_set, val_set.references, tokenizer, torch.device("cpu"),
+                                 T.autocast_context(torch.device("cpu"), torch.float32), args)
+    assert sum(generated) == 2 and out["clips"] == 2 and out["references"] == 4
+    assert scored == {"val_00024": ["a red circle moves up", "a circle rises", "something red goes up"],
+                      "val_00025": ["a blue square moves down"]}
+
+
+def test_msrvtt_and_vatex_annotations_convert_to_the_project_format(tmp_path):
+    info = {"videos": [{"video_id": "video0", "split": "train"}, {"video_id": "video7", "split": "test"}],
+            "sentences": [{"video_id": "video0", "caption": "a man sings", "sen_id": 0},
+                          {"video_id": "video7", "caption": "a cat jumps", "sen_id": 1},
+                          {"video_id": "video0", "caption": "someone is singing", "sen_id": 2}]}
+    assert data.from_msrvtt(info, "train") == [{"id": "video0", "caption": ["a man sings", "someone is singing"]}]
+    assert len(data.from_msrvtt(info)) == 2
+    vatex = [{"videoID": "abc_000010_000020", "enCap": ["a dog runs", "a dog is running"], "chCap": ["..."]}]
+    records = data.from_vatex(vatex)
+    assert records == [{"id": "abc_000010_000020", "caption": ["a dog runs", "a dog is running"]}]
+    ann = write_json(tmp_path / "vatex.json", records)  # what the scripts then read
+    assert data.references_by_clip(data.load_annotations(ann), "caption") == {
+        "abc_000010_000020": ["a dog runs", "a dog is running"]}

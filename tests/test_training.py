@@ -307,3 +307,55 @@ def test_frozen_parameters_are_left_out_of_the_optimizer():
     model.frozen.requires_grad_(False)
     decay = decay_of_each_parameter(model)
     assert set(decay) == {id(model.trained.weight), id(model.trained.bias)}
+
+
+# -----------------------------------------------------------------------------
+# Unreadable clips in the training stream, per-preset flag defaults
+
+
+def collated(readable, unreadable=()):
+    """A collated batch of `readable` clip ids and `unreadable` ones (missing files)."""
+    import data
+    items = [{"id": i, "caption": "c", "record": {}, "path": f"{i}.mp4", "video": torch.zeros(1)} for i in readable]
+    items += [{"id": i, "error": (f"{i}.mp4", "missing file")} for i in unreadable]
+    return data.collate(items)
+
+
+class NoAugmentation:
+    def set_epoch(self, epoch):
+        pass
+
+
+def stream_of(batches, tracker, state):
+    return T.batches_forever(NoAugmentation(), lambda: iter(batches), T.EpochSampler(6, 0), 2, state, tracker)
+
+
+def test_a_batch_with_no_readable_clip_is_skipped_and_counted():
+    import data
+    tracker, state = data.SkipTracker(max_skip_fraction=1.0), {"epoch": 0, "index": 0}
+    stream = stream_of([collated("ab"), collated("", "cd"), collated("e", "f")], tracker, state)
+    with pytest.warns(UserWarning, match="skipping"):
+        got = [next(stream)["ids"] for _ in range(2)]
+    assert got == [["a", "b"], ["e"]]  # the training step never sees the empty batch
+    assert tracker.reasons == {"missing file": 3} and state["index"] == 6
+
+
+def test_an_epoch_in_which_no_clip_can_be_read_stops_with_the_skip_report():
+    import data
+    stream = stream_of([collated("", "ab"), collated("", "c")], data.SkipTracker(), {"epoch": 0, "index": 0})
+    with pytest.warns(UserWarning), pytest.raises(
+            data.UnreadableClips, match=r"no training clip could be read: 3 clips, 3 skipped \(missing file: 3\)"):
+        next(stream)
+
+
+def test_per_preset_defaults_fill_only_what_the_command_line_left_out():
+    import argparse
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="tiny")
+    T.add_common_args(p, lr={"full": 2e-4, "tiny": 1e-3}, clip={"full": 0.0, "tiny": 1.0})
+    assert "(default: full 0.0002, tiny 0.001)" in " ".join(p.format_help().split())
+    recipe = {"lr": {"full": 2e-4, "tiny": 1e-3}, "clip": {"full": 0.0, "tiny": 1.0}}
+    for argv, lr, clip in ((["--preset", "full"], 2e-4, 0.0), ([], 1e-3, 1.0), (["--preset", "full", "--clip", "2"], 2e-4, 2.0)):
+        args = p.parse_args(argv)
+        T.fill_preset_defaults(args, recipe)
+        assert (args.lr, args.clip) == (lr, clip)
