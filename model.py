@@ -943,8 +943,11 @@ class Tokenizer:
 # function renames and reshapes it into this model's names and hands it to `assign`, which
 # refuses to leave anything to chance: a source key that maps nowhere and is not known to be
 # ignorable, a target the file does not cover, or a shape that differs is an error naming the
-# key. The `map_*` functions take the state dict itself, so tests can run them on the `meta`
-# device with the full preset's shapes.
+# key. Only buffers the model recomputes (`position_ids`) are dropped; every parameter is
+# checked. The `map_*` functions take the state dict itself, so tests can run them on the
+# `meta` device with the full preset's shapes. The `load_*` functions take any name a user
+# would give (a file, a folder, a URL, a Hugging Face repo id; `weights_file` at the end of
+# this section), and `load_pretrained` is the one entry point the scripts use.
 
 
 class CheckpointError(KeyError, ValueError):
@@ -1258,17 +1261,17 @@ def _hf_file(repo, filenames):
     """The first of `filenames` that repo `repo` has, as a path in the HF cache (downloaded
     once unless HF_HUB_OFFLINE is set). None when the repo has none of them."""
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
-                                        RemoteEntryNotFoundError)
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, HFValidationError,
+                                        LocalEntryNotFoundError)
     for f in filenames:
         try:
             return hf_hub_download(repo, f)
-        except RemoteEntryNotFoundError:  # the repo has no such file: try the next
-            continue
-        except LocalEntryNotFoundError as e:
+        except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError: caught first)
             if constants.HF_HUB_OFFLINE:  # not in the cache: the next may be
                 continue
             error = e  # online, but the Hub could not be reached and the cache lacks it
+        except EntryNotFoundError:  # the repo has no such file: try the next
+            continue
         except (HfHubHTTPError, HFValidationError, OSError) as e:
             error = e
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -1344,7 +1347,7 @@ def bert_folder(name):
         raise FileNotFoundError(f"{name}: the Hugging Face repo has no vocab.txt")
     try:  # optional; fetched into the same snapshot folder as vocab.txt
         _hf_file(name, ["tokenizer_config.json"])
-    except FileNotFoundError:  # offline and not in the cache: from_bert says what it assumes
+    except FileNotFoundError:  # neither cached nor reachable: from_bert says what it assumes
         pass
     return os.path.dirname(vocab)
 
