@@ -496,3 +496,13 @@ def test_train_caption_on_a_truncated_file_exits_2_with_one_line(two_clips, trun
     assert e.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "truncated.pth: cannot read this checkpoint" in errors[0]
+
+
+def test_train_align_on_a_missing_encoder_exits_2_with_one_line(two_clips, tmp_path, capsys):
+    import train_align
+    with pytest.raises(SystemExit) as e:
+        train_align.main(["--data-dir", two_clips, "--out-dir", str(tmp_path / "out"), "--max-steps", "1",
+                          "--num-workers", "0", "--device", "cpu", "--video-init", str(tmp_path / "video.pth")])
+    assert e.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "video.pth: no such file or folder" in errors[0]
