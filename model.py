@@ -14,6 +14,7 @@ Module names follow the official checkpoints' keys wherever that costs nothing, 
 of the loading code is an identity map plus a handful of reshapes.
 """
 
+import json
 import math
 import os
 import re
@@ -865,13 +866,32 @@ class Tokenizer:
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
 
     @classmethod
-    def from_bert(cls, folder):
-        """bert-base-cased's vocab.txt from `folder` (cased: no lower-casing, accents kept)."""
+    def from_bert(cls, name):
+        """BERT's vocab.txt from a folder (or the folder of a weights file), or from a Hugging
+        Face repo id such as `google-bert/bert-base-cased` (see `bert_folder`). Casing follows
+        the folder's tokenizer_config.json (`do_lower_case`, `strip_accents`), as HF's own
+        tokenizer does: an uncased vocabulary read without lower-casing would turn every
+        capitalised word into [UNK]. Without that setting, a vocabulary with no upper-case
+        entry is taken as uncased, and stderr says which was chosen."""
         from tokenizers import BertWordPieceTokenizer
+        folder = bert_folder(name)
         path = os.path.join(folder, "vocab.txt")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no BERT vocabulary at {path}")
-        return cls(BertWordPieceTokenizer(path, lowercase=False, strip_accents=False))
+        settings = {}
+        config = os.path.join(folder, "tokenizer_config.json")
+        if os.path.exists(config):
+            with open(config) as f:
+                settings = json.load(f)
+        lower = settings.get("do_lower_case")
+        if lower is None:
+            with open(path, encoding="utf-8") as f:
+                lower = not any(w != w.lower() for w in f.read().split() if not w.startswith("["))
+            print(f"{folder}: no do_lower_case in tokenizer_config.json; the vocabulary is "
+                  f"{'uncased: captions are lower-cased' if lower else 'cased: captions keep their case'}",
+                  file=sys.stderr)
+        # strip_accents None follows lowercase, as in HF's BertTokenizer
+        return cls(BertWordPieceTokenizer(path, lowercase=bool(lower), strip_accents=settings.get("strip_accents")))
 
     @classmethod
     def train(cls, captions, vocab_size=1000):
@@ -931,44 +951,87 @@ class Tokenizer:
 # function renames and reshapes it into this model's names and hands it to `assign`, which
 # refuses to leave anything to chance: a source key that maps nowhere and is not known to be
 # ignorable, a target the file does not cover, or a shape that differs is an error naming the
-# key. The `map_*` functions take the state dict itself, so tests can run them on the `meta`
-# device with the full preset's shapes.
+# key. Only buffers the model recomputes (`position_ids`) are dropped; every parameter is
+# checked. The `map_*` functions take the state dict itself, so tests can run them on the
+# `meta` device with the full preset's shapes. The `load_*` functions take any name a user
+# would give (a file, a folder, a URL, a Hugging Face repo id; `weights_file` at the end of
+# this section), and `load_pretrained` is the one entry point the scripts use.
+
+
+class CheckpointError(KeyError, ValueError):
+    """A checkpoint that cannot be loaded: unreadable, or keys and shapes that do not fit this
+    model. The message is one line naming the file. (A KeyError for the key-level problems and
+    a ValueError for the rest, with a plain message: KeyError's own str() would quote it.)"""
+
+    __str__ = Exception.__str__
+
+
+# HF's BERT and CLIP save their position index tables (an arange) as persistent buffers;
+# this model computes positions on the fly, so such a key carries nothing to load.
+RECOMPUTED_BUFFERS = ("position_ids",)
 
 
 def read_state_dict(path):
-    """A .safetensors file or a torch pickle, loaded with weights_only=True."""
-    if not os.path.exists(path):
+    """A .safetensors file or a torch pickle, loaded with weights_only=True. A missing file
+    is a FileNotFoundError; a truncated or corrupt one a CheckpointError naming it."""
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch and safetensors raise many types for a damaged file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if len(reason) > 120:  # torch's messages go on about weights_only; the first sentence says it
+            reason = reason.split(". ")[0]
+        raise CheckpointError(f"{path}: cannot read this checkpoint (truncated, corrupt or not a "
+                              f"PyTorch/safetensors file: {reason})") from e
 
 
-def assign(module, tensors, source, fresh=()):
+def _left_parts(left, fresh):
+    """Parameter names a file does not cover -> one phrase per reason, naming the modules
+    up to the matching `fresh` pattern with layer numbers folded:
+    'bert.encoder.layer.{0,2}.crossattention (new: ...)'."""
+    parts = {}  # reason -> {module path with '*' for the layer number: layer numbers}
+    for k in left:
+        f = next(f for f in fresh if f in k)
+        path = k[:k.index(f) + len(f)].strip(".")
+        m = re.search(r"\.(\d+)\.", path)
+        key = path if m is None else path[:m.start()] + ".*." + path[m.end():]
+        parts.setdefault(fresh[f], {}).setdefault(key, set()).update([int(m.group(1))] if m else [])
+    phrases = []
+    for reason, paths in parts.items():
+        names = [p.replace("*", "{" + ",".join(map(str, sorted(n))) + "}") for p, n in paths.items()]
+        phrases.append(f"{', '.join(names)} ({reason})")
+    return "; ".join(phrases)
+
+
+def assign(module, tensors, source, fresh=None):
     """Copy `tensors` (our names -> tensors) into `module`'s parameters. Every parameter must
-    be covered except those whose name contains one of the `fresh` substrings: the parts this
-    source does not provide by design (listed in each loader's docstring). Returns the
-    names assigned."""
+    be covered except those whose name contains one of the `fresh` patterns: the parts this
+    source does not provide by design, a dict pattern -> where they come from instead (or
+    why they stay as they are), which stderr reports. Keys of RECOMPUTED_BUFFERS are dropped.
+    Returns the names assigned."""
+    fresh = fresh or {}
+    tensors = {k: t for k, t in tensors.items() if k.rsplit(".", 1)[-1] not in RECOMPUTED_BUFFERS}
     own = dict(module.named_parameters())  # tied weights appear once
     for k, t in tensors.items():
         if k not in own:
-            raise KeyError(f"{source}: '{k}' has no place in {type(module).__name__}")
+            raise CheckpointError(f"{source}: '{k}' has no place in {type(module).__name__}")
         if tuple(t.shape) != tuple(own[k].shape):
-            raise ValueError(f"{source}: shape mismatch for '{k}': expected "
-                             f"{tuple(own[k].shape)}, found {tuple(t.shape)}")
+            raise CheckpointError(f"{source}: shape mismatch for '{k}': expected "
+                                  f"{tuple(own[k].shape)}, found {tuple(t.shape)}")
     missing = [k for k in own if k not in tensors and not any(f in k for f in fresh)]
     if missing:
-        raise KeyError(f"{source}: missing key '{missing[0]}' ({len(missing)} missing in all)")
+        raise CheckpointError(f"{source}: missing key '{missing[0]}' ({len(missing)} missing in all)")
     with torch.no_grad():
         for k, t in tensors.items():
             own[k].copy_(t)
     left = [k for k in own if k not in tensors]
     if left:  # said aloud, never silent: which parts this file leaves to another source
-        parts = sorted({".".join(k.split(".")[:2]) if k.startswith("Qformer") else k.split(".")[0]
-                        for k in left})
-        print(f"{source}: {len(tensors)} tensors loaded; not in this file, by design: {', '.join(parts)}",
-              file=sys.stderr)
+        print(f"{source}: {len(tensors)} tensors loaded into {type(module).__name__}; not from this "
+              f"file: {_left_parts(left, fresh)}", file=sys.stderr)
     return sorted(tensors)
 
 
@@ -986,18 +1049,21 @@ def _fit_positions(pos, grid, name):
     return torch.cat([pos[:1], patches.to(pos.dtype)], dim=0)
 
 
-def map_encoder(encoder: VisionTransformer, sd, source, ignore_prefixes=()):
+ENCODER_OPTIONAL = {"visual_projection.weight": "unused by the captioner: stays as initialised"}
+
+
+def map_encoder(encoder: VisionTransformer, sd, source):
     """One CLIP vision tower from a state dict with the authors' names (no prefix). Handles
     the differences between the official files by shape: a Conv2d patch weight meets our
     Conv3d (unsqueeze the time axis: tube size 1 is the same function), one class vector meets
     one per frame (repeat it), an image checkpoint's 257 positions meet the audio grid
     (interpolate), and a temporal embedding for another frame count (interpolate in time).
-    `visual_projection.weight` is optional: stage 2 never reads it."""
+    A file already in the Conv3d / per-frame form (the authors' video.pth, and LanguageBind
+    files saved after expanding to 3-D) loads as it is. `visual_projection.weight` is
+    optional: stage 2 never reads it."""
     cfg = encoder.cfg
     out = {}
     for k, t in sd.items():
-        if k.startswith(tuple(ignore_prefixes)) or k == "embeddings.position_ids":
-            continue
         if k == "embeddings.patch_embedding.weight" and t.dim() == 4 and cfg.temporal:
             t = t.unsqueeze(2)  # (D, 3, p, p) -> (D, 3, 1, p, p)
         elif k == "embeddings.class_embedding" and cfg.temporal and t.dim() == 1:
@@ -1008,7 +1074,7 @@ def map_encoder(encoder: VisionTransformer, sd, source, ignore_prefixes=()):
             t = F.interpolate(t.float().transpose(1, 2), size=cfg.num_frames, mode="linear",
                               align_corners=False).transpose(1, 2).to(t.dtype)  # (1, T', D) -> (1, T, D)
         out[k] = t
-    return assign(encoder, out, source, fresh=("visual_projection.weight",))
+    return assign(encoder, out, source, fresh=ENCODER_OPTIONAL)
 
 
 def map_languagebind(encoder: VisionTransformer, sd, source="pytorch_model.bin"):
@@ -1022,25 +1088,29 @@ def map_languagebind(encoder: VisionTransformer, sd, source="pytorch_model.bin")
         elif k == "visual_projection.weight":
             vision[k] = t
         elif not (k.startswith("text_model.") or k in ("text_projection.weight", "logit_scale")):
-            raise KeyError(f"{source}: unexpected key '{k}'")
+            raise CheckpointError(f"{source}: unexpected key '{k}'")
     return map_encoder(encoder, vision, source)
 
 
-def load_languagebind(encoder: VisionTransformer, path):
-    """`LanguageBind_Video_FT/pytorch_model.bin` or `LanguageBind_Audio_FT/pytorch_model.bin`."""
+def load_languagebind(encoder: VisionTransformer, name):
+    """`LanguageBind_Video_FT` or `LanguageBind_Audio_FT`: the file, its folder, or the repo
+    id (`LanguageBind/LanguageBind_Video_FT`; see `weights_file`)."""
+    path = weights_file(name)
     return map_languagebind(encoder, read_state_dict(path), path)
 
 
-def load_encoder(encoder: VisionTransformer, path):
+def load_encoder(encoder: VisionTransformer, name):
     """The authors' pre-aligned encoders, `video.pth` / `audio.pth`: a plain state dict with
     LanguageBind's vision names without the `vision_model.` prefix (video in the Conv3d /
     per-frame class variant). `train_align.py` writes its encoders in the same format."""
+    path = weights_file(name)
     return map_encoder(encoder, read_state_dict(path), path)
 
 
-def load_any_encoder(encoder: VisionTransformer, path):
+def load_any_encoder(encoder: VisionTransformer, name):
     """Either encoder format, told apart by LanguageBind's `vision_model.` prefix; the file is
-    read once."""
+    read once. `name` as for `weights_file`."""
+    path = weights_file(name)
     sd = read_state_dict(path)
     if any(k.startswith("vision_model.") for k in sd):
         return map_languagebind(encoder, sd, path)
@@ -1051,28 +1121,37 @@ def _bert_name(k):
     """bert-base-cased name -> ours (inside `Qformer`), or None for keys we do not use."""
     k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
     if (k.startswith(("bert.pooler.", "cls.seq_relationship."))
-            or k in ("bert.embeddings.token_type_embeddings.weight", "bert.embeddings.position_ids",
+            or k in ("bert.embeddings.token_type_embeddings.weight",
                      "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")):
         # unused by a captioner; the decoder weight is tied to the word embeddings and
         # decoder.bias is an alias of predictions.bias
         return None
     if k.startswith(("bert.embeddings.", "bert.encoder.", "cls.predictions.")):
         return k
-    raise KeyError(f"unexpected key '{k}'")
+    raise CheckpointError(f"unexpected key '{k}'")
+
+
+BERT_FRESH = {".crossattention.": "new in BERT: from BLIP-2's checkpoint, else trained from scratch"}
 
 
 def map_bert(model: "UniQ4Cap", sd, source="bert-base-cased"):
-    """bert-base-cased into the Q-Former: embeddings, self-attention, text FFN and LM head.
-    The vocabulary grows by one row for [DEC], initialised like BERT's (normal, std 0.02;
-    output bias 0). The query FFN starts as a copy of the text FFN. Cross-attention is new
-    (BLIP-2's checkpoint or training provides it)."""
+    """BERT into the Q-Former: embeddings, self-attention, text FFN and LM head. Reads
+    bert-base-cased's files (BertForPreTraining: `bert.*` and `cls.*`), and also a bare
+    BertModel without the `bert.` prefix (`BertModel.save_pretrained`, sentence-transformers)
+    and a file without the MLM head: then the head's transform and output bias start from
+    BERT's initialisation (the decoder stays tied to the loaded word embeddings), said on
+    stderr. The vocabulary grows by one row for [DEC], initialised like BERT's (normal,
+    std 0.02; output bias 0). The query FFN starts as a copy of the text FFN. The
+    cross-attention is not BERT's: BLIP-2's checkpoint or training provides it."""
     q = model.cfg.qformer
+    if not any(k.startswith(("bert.", "cls.")) for k in sd):
+        sd = {"bert." + k: t for k, t in sd.items()}  # a bare BertModel: embeddings.*, encoder.*, pooler.*
     out = {}
     for k, t in sd.items():
         try:
             ours = _bert_name(k)
-        except KeyError as e:
-            raise KeyError(f"{source}: {e.args[0]}") from None
+        except CheckpointError as e:
+            raise CheckpointError(f"{source}: {e}") from None
         if ours is None:
             continue
         if ours in ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias") and t.size(0) == q.vocab_size - 1:
@@ -1084,23 +1163,36 @@ def map_bert(model: "UniQ4Cap", sd, source="bert-base-cased"):
         if re.match(r"bert\.encoder\.layer\.\d+\.(intermediate|output)\.", ours):
             # layer.N.intermediate.* -> layer.N.intermediate_query.*, same for output
             out[re.sub(r"\.(intermediate|output)\.", r".\1_query.", ours, count=1)] = t
-    return assign(model.Qformer, out, source, fresh=(".crossattention.",))
+    fresh = dict(BERT_FRESH)
+    no_head = not any(k.startswith("cls.predictions.") for k in out)
+    if no_head:
+        fresh["cls.predictions."] = "no MLM head in this file: BERT's initialisation, decoder tied to the word embeddings"
+    names = assign(model.Qformer, out, source, fresh=fresh)
+    if no_head:  # whatever an earlier load left there, the head starts as BERT's would
+        head = model.Qformer.cls.predictions
+        head.transform.apply(UniQ4Cap._init_weights)
+        with torch.no_grad():
+            head.bias.zero_()
+    return names
 
 
-def load_bert(model: "UniQ4Cap", path):
-    """bert-base-cased's `pytorch_model.bin` or `model.safetensors` (old `gamma`/`beta` or new
-    `weight`/`bias` LayerNorm names)."""
+def load_bert(model: "UniQ4Cap", name):
+    """BERT's `model.safetensors` or `pytorch_model.bin` (old `gamma`/`beta` or new
+    `weight`/`bias` LayerNorm names): the file, its folder, or a repo id such as
+    `google-bert/bert-base-cased` (see `weights_file`)."""
+    path = weights_file(name)
     return map_bert(model, read_state_dict(path), path)
 
 
 def map_blip2(model: "UniQ4Cap", sd, source="blip2_pretrained.pth", query_noise=0.0):
     """BLIP-2's pretrained Q-Former into ours, as the authors initialised stage 2: every key
-    containing `embedding` or `predictions` is skipped (word/position embeddings and the LM
-    head come from bert-base-cased, whose cased vocabulary differs from BLIP-2's uncased
-    one), and the 32 query tokens are tiled to our count. `query_noise` adds Gaussian noise of
-    that std to the tiled queries so twins do not start identical. BLIP-2's `ln_vision`
-    (1408 wide, for its EVA ViT) has no counterpart here. Provides: the Q-Former's encoder
-    layers (cross-attention included), query_tokens and the optional heads."""
+    containing `embedding` or `predictions` is skipped (word/position embeddings, the
+    position_ids buffer and the LM head come from bert-base-cased, whose cased vocabulary
+    differs from BLIP-2's uncased one), and the 32 query tokens are tiled to our count.
+    `query_noise` adds Gaussian noise of that std to the tiled queries so twins do not start
+    identical. BLIP-2's `ln_vision` (1408 wide, for its EVA ViT) has no counterpart here.
+    Provides: the Q-Former's encoder layers (cross-attention included), query_tokens and the
+    optional heads."""
     Q = model.cfg.qformer.num_query_tokens
     out = {}
     for k, t in sd.items():
@@ -1108,19 +1200,26 @@ def map_blip2(model: "UniQ4Cap", sd, source="blip2_pretrained.pth", query_noise=
             continue
         if k == "query_tokens":
             if Q % t.size(1):
-                raise ValueError(f"{source}: cannot tile {t.size(1)} query tokens to {Q}")
+                raise CheckpointError(f"{source}: cannot tile {t.size(1)} query tokens to {Q}")
             t = t.repeat(1, Q // t.size(1), 1)  # (1, 32, C) -> (1, 64, C): [q0..q31, q0..q31]
             if query_noise > 0:
                 t = t + query_noise * torch.randn_like(t)
         out[k] = t
-    return assign(model, out, source, fresh=(
-        "video_encoder.", "audio_encoder.", "ln_video.", "ln_audio.", "video_project.",
-        "audio_project.", "Qformer.bert.embeddings.", "Qformer.cls."))
+    encoders, new = "the encoder files", "new in UniQ4Cap: trained in stage 2"
+    bert = "from bert-base-cased: BLIP-2's vocabulary is uncased"
+    return assign(model, out, source, fresh={
+        "video_encoder.": encoders, "audio_encoder.": encoders, "ln_video.": new, "ln_audio.": new,
+        "video_project.": new, "audio_project.": new, "Qformer.bert.embeddings.": bert, "Qformer.cls.": bert})
 
 
-def load_blip2(model: "UniQ4Cap", path, query_noise=0.0):
-    """BLIP-2's `blip2_pretrained.pth`: {"model": state_dict} (186M parameters)."""
-    return map_blip2(model, read_state_dict(path)["model"], path, query_noise)
+def load_blip2(model: "UniQ4Cap", name, query_noise=0.0):
+    """BLIP-2's `blip2_pretrained.pth`, {"model": state_dict} (186M parameters): the file,
+    its URL, or the short name `blip2` for that URL (see `weights_file`)."""
+    path = weights_file(name)
+    ckpt = read_state_dict(path)
+    if "model" not in ckpt:
+        raise CheckpointError(f"{path}: no 'model' entry: not BLIP-2's blip2_pretrained.pth")
+    return map_blip2(model, ckpt["model"], path, query_noise)
 
 
 def stage2_state_dict(model: "UniQ4Cap"):
@@ -1132,30 +1231,149 @@ def stage2_state_dict(model: "UniQ4Cap"):
 
 def map_stage2(model: "UniQ4Cap", sd, source="checkpoint.pth"):
     """A stage-2 state dict: Q-Former, query tokens, ln_video/ln_audio, the projections and
-    the optional heads, all required; the encoders are loaded separately."""
+    the optional heads, all required; the encoders are loaded separately. The authors' file
+    also holds the frozen parts' position_ids buffers (their trainer drops only frozen
+    *parameters*): dropped, see RECOMPUTED_BUFFERS."""
     aliases = ("Qformer.cls.predictions.decoder.weight",  # tied to the word embeddings
-               "Qformer.cls.predictions.decoder.bias",  # alias of predictions.bias
-               "Qformer.bert.embeddings.position_ids")
+               "Qformer.cls.predictions.decoder.bias")  # alias of predictions.bias
     out = {k: t for k, t in sd.items() if k not in aliases}
-    return assign(model, out, source, fresh=("video_encoder.", "audio_encoder."))
+    return assign(model, out, source, fresh={"video_encoder.": "the encoder files",
+                                             "audio_encoder.": "the encoder files"})
 
 
 def load_stage2(model: "UniQ4Cap", path):
-    """The authors' stage-2 `checkpoint_N.pth` ({"model": ..., "optimizer": ..., "epoch": ...}),
-    or one written by train_caption.py (same layout, plus our config and tokenizer)."""
+    """The authors' stage-2 `checkpoint_N.pth` ({"model", "optimizer", "config", "scaler",
+    "epoch"}, "config" being their run configuration), or one written by train_caption.py
+    (the same "model", plus our config and tokenizer)."""
     ckpt = read_state_dict(path)
+    if "model" not in ckpt:
+        raise CheckpointError(f"{path}: no 'model' entry: not a stage-2 checkpoint")
     return map_stage2(model, ckpt["model"], path)
+
+
+# Where a name that is not a local path is looked up. The Hugging Face repos resolve through
+# huggingface_hub (its standard cache, HF_HOME / HF_HUB_CACHE, and HF_HUB_OFFLINE honoured);
+# BLIP-2's file is a plain URL, fetched once into torch.hub's cache (TORCH_HOME).
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # in this order of preference
+URLS = {"blip2": "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/blip2_pretrained.pth"}
+
+
+def _is_repo_id(name):
+    """`org/name` and nothing else: a mistyped local path like `out/align/video.pth` or
+    `/data/bert` is reported as missing, not looked up on the Hub."""
+    return (re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+            and not name.endswith((".pth", ".pt", ".bin", ".safetensors")))
+
+
+def _hf_file(repo, filenames):
+    """The first of `filenames` that repo `repo` has, as a path in the HF cache (downloaded
+    once unless HF_HUB_OFFLINE is set). None when the repo has none of them."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, HFValidationError,
+                                        LocalEntryNotFoundError)
+    for f in filenames:
+        try:
+            return hf_hub_download(repo, f)
+        except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError: caught first)
+            if constants.HF_HUB_OFFLINE:  # not in the cache: the next may be
+                continue
+            error = e  # online, but the Hub could not be reached and the cache lacks it
+        except EntryNotFoundError:  # the repo has no such file: try the next
+            continue
+        except (HfHubHTTPError, HFValidationError, OSError) as e:
+            error = e
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise FileNotFoundError(f"{repo}: no such file or folder here, and the Hugging Face Hub "
+                                f"could not provide {f}: {reason}")
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"{repo}: no such file or folder here, and HF_HUB_OFFLINE is set while "
+                                f"the Hugging Face cache ({constants.HF_HUB_CACHE}) has no "
+                                f"{' or '.join(filenames)} of it")
+    return None
+
+
+def _url_file(url):
+    """A URL's file in torch.hub's cache, `<torch.hub.get_dir()>/checkpoints/<file name>` (where
+    torch.hub.load_state_dict_from_url keeps it too), downloaded the first time."""
+    from urllib.parse import urlparse
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        print(f"downloading {url} to {path}", file=sys.stderr)
+        try:
+            torch.hub.download_url_to_file(url, path)
+        except OSError as e:  # URLError and HTTPError are OSErrors
+            raise FileNotFoundError(f"{url}: cannot download it: {e}") from None
+    return path
+
+
+def _not_found(name):
+    return FileNotFoundError(f"{name}: no such file or folder, and not a URL, a known name "
+                             f"({', '.join(URLS)}) or a Hugging Face repo id (org/name)")
+
+
+def weights_file(name):
+    """Any way of naming a checkpoint -> a local weights file:
+      - an existing file: itself;
+      - a folder: its model.safetensors, else its pytorch_model.bin (an HF model folder);
+      - a URL (http, https, file) or a name in URLS (`blip2`): torch.hub's cached copy;
+      - a Hugging Face repo id (`LanguageBind/LanguageBind_Video_FT`,
+        `google-bert/bert-base-cased`): model.safetensors, else pytorch_model.bin, through
+        huggingface_hub's cache (only that file is fetched).
+    huggingface_hub is imported only for a repo id. Anything else is a FileNotFoundError
+    with one line saying what `name` is not."""
+    if os.path.isfile(name):
+        return name
+    if os.path.isdir(name):
+        for f in HF_WEIGHTS:
+            if os.path.isfile(os.path.join(name, f)):
+                return os.path.join(name, f)
+        raise FileNotFoundError(f"{name}: a folder without {' or '.join(HF_WEIGHTS)}")
+    url = URLS.get(name, name)
+    if url.startswith(("http://", "https://", "file://")):
+        return _url_file(url)
+    if _is_repo_id(name):
+        path = _hf_file(name, HF_WEIGHTS)
+        if path is None:
+            raise FileNotFoundError(f"{name}: the Hugging Face repo has no {' or '.join(HF_WEIGHTS)}")
+        return path
+    raise _not_found(name)
+
+
+def bert_folder(name):
+    """A folder holding BERT's vocab.txt (and tokenizer_config.json when there is one): the
+    folder itself, the folder of a weights file, or a Hugging Face repo id's snapshot in the
+    HF cache (the tokenizer files only are fetched)."""
+    if os.path.isdir(name):
+        return name
+    if os.path.isfile(name):
+        return os.path.dirname(os.path.abspath(name))
+    if not _is_repo_id(name):
+        raise _not_found(name)
+    vocab = _hf_file(name, ["vocab.txt"])
+    if vocab is None:
+        raise FileNotFoundError(f"{name}: the Hugging Face repo has no vocab.txt")
+    try:  # optional; fetched into the same snapshot folder as vocab.txt
+        _hf_file(name, ["tokenizer_config.json"])
+    except FileNotFoundError:  # neither cached nor reachable: from_bert says what it assumes
+        pass
+    return os.path.dirname(vocab)
 
 
 def load_pretrained(model: "UniQ4Cap", video=None, audio=None, bert=None, blip2=None,
                     stage2=None, query_noise=0.0):
-    """Load whichever official files are given, in the order the authors built stage 2:
-    encoders (LanguageBind's HF file or the authors' video.pth / audio.pth, told apart by the
-    `vision_model.` prefix), then bert-base-cased, then BLIP-2's Q-Former, then a stage-2
-    checkpoint (which replaces everything but the encoders)."""
-    for path, encoder in ((video, model.video_encoder), (audio, model.audio_encoder)):
-        if path is not None:
-            load_any_encoder(encoder, path)
+    """The one entry point for the official files: load whichever are given, in the order
+    the authors built stage 2: encoders (LanguageBind's HF file or the authors' video.pth /
+    audio.pth, told apart by the `vision_model.` prefix), then BERT, then BLIP-2's Q-Former,
+    then a stage-2 checkpoint (which replaces everything but the encoders). Each may be a
+    file, a folder, a URL, a short name or a Hugging Face repo id (see `weights_file`):
+
+        load_pretrained(model, video="LanguageBind/LanguageBind_Video_FT",
+                        audio="LanguageBind/LanguageBind_Audio_FT",
+                        bert="google-bert/bert-base-cased", blip2="blip2")"""
+    for name, encoder in ((video, model.video_encoder), (audio, model.audio_encoder)):
+        if name is not None:
+            load_any_encoder(encoder, name)
     if bert is not None:
         load_bert(model, bert)
     if blip2 is not None:

@@ -48,16 +48,21 @@ def get_args(argv=None):
 
 
 def load_captioner(args):
-    """Rebuild the model a checkpoint describes: ours carry config, tokenizer and encoder
-    files; the authors' need --preset, --bert and the encoder flags."""
+    """Rebuild the model a checkpoint describes. Ours (train_caption.py's best.pth) carry
+    config, tokenizer and encoder names; the authors' checkpoint_N.pth has a "config" too,
+    but that is their run configuration, so the tokenizer, which only ours hold, tells the
+    two apart. The authors' need --preset, --bert and the encoder flags."""
     ckpt = M.read_state_dict(args.ckpt)
-    if "config" in ckpt:
+    if "model" not in ckpt:
+        raise M.CheckpointError(f"{args.ckpt}: no 'model' entry: not a stage-2 checkpoint")
+    if "tokenizer" in ckpt:
         cfg = M.config_from_dict(ckpt["config"])
         tokenizer = M.Tokenizer.from_string(ckpt["tokenizer"])
         encoders = dict(ckpt.get("encoders") or {})
     else:
         if not (args.preset and args.bert):
-            raise SystemExit(f"error: {args.ckpt} carries no config: give --preset and --bert")
+            raise M.CheckpointError(f"{args.ckpt} carries no tokenizer (the authors' checkpoint_N.pth, or a "
+                                    f"resumable last.pth): give --preset and --bert")
         tokenizer = M.Tokenizer.from_bert(args.bert)
         cfg = tokenizer.configure(M.PRESETS[args.preset]())
         encoders = {}
@@ -65,10 +70,10 @@ def load_captioner(args):
     encoders["audio"] = args.audio_encoder or encoders.get("audio")
     missing = [k for k, v in encoders.items() if not v]
     if missing:
-        raise SystemExit(f"error: no weights for the {' and '.join(missing)} encoder: give --{missing[0]}-encoder")
+        raise M.CheckpointError(f"no weights for the {' and '.join(missing)} encoder: give --{missing[0]}-encoder")
     net = M.UniQ4Cap(cfg)
     M.load_pretrained(net, video=encoders["video"], audio=encoders["audio"])
-    M.map_stage2(net, ckpt["model"], args.ckpt)
+    M.map_stage2(net, ckpt["model"], args.ckpt)  # the file is already read: map it directly
     return net.eval().to(args.device), tokenizer
 
 
@@ -129,7 +134,7 @@ def main(argv=None):
         return 2
     try:
         net, tokenizer = load_captioner(args)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (FileNotFoundError, KeyError, ValueError) as e:  # M.CheckpointError is both; one line, no traceback
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
     as_jsonl = len(files) > 1 or os.path.isdir(args.video[0])

@@ -35,6 +35,7 @@ tokenizer), last.pth (resumable), metrics.jsonl (log), metrics.json (final test 
 
 import argparse
 import os
+import sys
 from dataclasses import asdict
 
 import torch
@@ -94,10 +95,16 @@ def get_args(argv=None):
                         "trained; a feature cache cannot keep it (default: "
                         + T.per_preset(RECIPE["frozen_patch_dropout"]) + ")")
     p.add_argument("--align-dir", default="out/align", help="where train_align.py left video.pth / audio.pth")
-    p.add_argument("--video-encoder", default=None, help="video encoder file (LanguageBind HF file or video.pth)")
-    p.add_argument("--audio-encoder", default=None, help="audio encoder file (LanguageBind HF file or audio.pth)")
-    p.add_argument("--bert", default=None, help="folder with bert-base-cased vocab.txt and weights")
-    p.add_argument("--blip2", default=None, help="BLIP-2 blip2_pretrained.pth")
+    p.add_argument("--video-encoder", default=None,
+                   help="video encoder: LanguageBind's HF file, its folder or repo id (LanguageBind/LanguageBind_Video_FT), "
+                        "or a video.pth")
+    p.add_argument("--audio-encoder", default=None,
+                   help="audio encoder: LanguageBind's HF file, its folder or repo id (LanguageBind/LanguageBind_Audio_FT), "
+                        "or an audio.pth")
+    p.add_argument("--bert", default=None,
+                   help="BERT: a folder with vocab.txt and weights, or a repo id (google-bert/bert-base-cased)")
+    p.add_argument("--blip2", default=None,
+                   help="BLIP-2's blip2_pretrained.pth: the file, its URL, or 'blip2' (its public URL, via torch.hub's cache)")
     p.add_argument("--query-noise", type=float, default=0.0, help="noise std added to tiled BLIP-2 queries")
     p.add_argument("--vocab-size", type=int, default=1000, help="WordPiece vocabulary trained when no --bert")
     p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: preset default)")
@@ -244,10 +251,9 @@ def main(argv=None):
 
     net = M.UniQ4Cap(cfg)
     encoders = encoder_files(args)
+    given = dict(encoders)  # what load_pretrained reads: files, folders or Hugging Face names
     for name, enc in (("video", net.video_encoder), ("audio", net.audio_encoder)):
-        if encoders[name]:
-            M.load_pretrained(net, **{name: encoders[name]})
-        else:
+        if not encoders[name]:
             # no stage-1 output: keep this run's own initialisation, saved so sample.py
             # rebuilds the same frozen encoder
             T.print0(f"no {name} encoder weights (no --{name}-encoder, nothing at {args.align_dir}/{name}.pth): "
@@ -255,13 +261,12 @@ def main(argv=None):
             encoders[name] = os.path.join(args.out_dir, f"{name}.pth")
             if T.is_master():
                 T.save_checkpoint(encoders[name], enc.state_dict())
-    if args.bert:
-        weights = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(args.bert, f))]
-        if not weights:
-            raise FileNotFoundError(f"--bert {args.bert}: no model.safetensors or pytorch_model.bin")
-        M.load_bert(net, os.path.join(args.bert, weights[0]))
-    if args.blip2:
-        M.load_blip2(net, args.blip2, args.query_noise)
+    try:
+        M.load_pretrained(net, video=given["video"], audio=given["audio"], bert=args.bert, blip2=args.blip2,
+                          query_noise=args.query_noise)
+    except (FileNotFoundError, M.CheckpointError) as e:  # one line naming the file, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     net.to(device)
     if dtype == torch.bfloat16:
         # the frozen encoders only read: hold them in bf16 (half the memory, no casts per step)
@@ -296,8 +301,12 @@ def main(argv=None):
 
     step, position, best = 0, {"epoch": 0, "index": 0}, None
     if args.resume:
-        ckpt = T.load_checkpoint(args.resume)
-        M.map_stage2(net, ckpt["model"], args.resume)
+        try:
+            ckpt = M.read_state_dict(args.resume)  # says which file is truncated or corrupt
+            M.map_stage2(net, ckpt["model"], args.resume)
+        except (FileNotFoundError, M.CheckpointError) as e:
+            print(f"error: cannot resume: {e}", file=sys.stderr)
+            raise SystemExit(2)
         optimizer.load_state_dict(ckpt["optimizer"])
         step, position, best = ckpt["step"], dict(ckpt["data"]), ckpt["best"]
         T.restore_rng_state(ckpt["rng"])

@@ -1,16 +1,26 @@
 """Synthetic state dicts with the official checkpoints' key names and shapes (DESIGN.md
 section 5), written out independently of model.py so the loaders are tested against the
 files' names, not against our own. `make(shapes, device)` fills them: random values on the
-CPU for tiny sizes, empty tensors on `meta` for the full preset."""
+CPU for tiny sizes, empty tensors on `meta` for the full preset; `position_ids` buffers are
+int64 aranges, as HF saves them. `hf_cache` lays files out as huggingface_hub's cache does."""
+
+import hashlib
+import os
 
 import torch
 
 
 def make(shapes, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
-    if device == "meta":
-        return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    return {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+    out = {}
+    for k, s in shapes.items():
+        if k.endswith("position_ids"):
+            out[k] = torch.arange(s[-1], device=device).expand(s).clone()
+        elif device == "meta":
+            out[k] = torch.empty(s, device="meta")
+        else:
+            out[k] = torch.randn(s, generator=g) * 0.02
+    return out
 
 
 def clip_vision(cfg, prefix, video_hf=True):
@@ -45,11 +55,15 @@ def clip_vision(cfg, prefix, video_hf=True):
     return {prefix + k: v for k, v in s.items()}
 
 
-def languagebind(cfg):
+def languagebind(cfg, conv3d=False):
     """`pytorch_model.bin` of LanguageBind_Video_FT / LanguageBind_Audio_FT (a few text-tower
-    keys stand for the whole text model)."""
-    s = clip_vision(cfg, "vision_model.", video_hf=True)
+    keys stand for the whole text model), with HF CLIP's position_ids buffers. conv3d: the
+    video weights as saved after LanguageBind's expansion to 3-D (Conv3d patch weight and a
+    class vector per frame)."""
+    s = clip_vision(cfg, "vision_model.", video_hf=not conv3d)
+    s["vision_model.embeddings.position_ids"] = (1, cfg.tokens_per_frame)
     s["visual_projection.weight"] = (cfg.embed_dim, cfg.width)
+    s["text_model.embeddings.position_ids"] = (1, 77)
     s["text_model.embeddings.token_embedding.weight"] = (49408, 8)
     s["text_model.final_layer_norm.weight"] = (8,)
     s["text_projection.weight"] = (cfg.embed_dim, 8)
@@ -64,11 +78,15 @@ def authors_encoder(cfg):
     return s
 
 
-def bert(q, old_names=True):
-    """bert-base-cased `pytorch_model.bin` (old files: LayerNorm gamma/beta)."""
+def bert(q, old_names=True, prefix="bert.", mlm_head=True):
+    """bert-base-cased `pytorch_model.bin` (old files: LayerNorm gamma/beta), with the
+    position_ids buffer and the pooler. prefix="": a bare BertModel (`BertModel.save_pretrained`,
+    sentence-transformers), which also has no `cls.*` heads; mlm_head=False drops
+    `cls.predictions.*` only."""
     H, I, V = q.hidden, q.intermediate, q.vocab_size - 1  # BERT has no [DEC] row
     g, b = ("gamma", "beta") if old_names else ("weight", "bias")
-    s = {"bert.embeddings.word_embeddings.weight": (V, H),
+    s = {"bert.embeddings.position_ids": (1, q.max_positions),
+         "bert.embeddings.word_embeddings.weight": (V, H),
          "bert.embeddings.position_embeddings.weight": (q.max_positions, H),
          "bert.embeddings.token_type_embeddings.weight": (2, H),
          f"bert.embeddings.LayerNorm.{g}": (H,), f"bert.embeddings.LayerNorm.{b}": (H,)}
@@ -88,7 +106,9 @@ def bert(q, old_names=True):
     s[f"cls.predictions.transform.LayerNorm.{g}"] = s[f"cls.predictions.transform.LayerNorm.{b}"] = (H,)
     s["cls.predictions.decoder.weight"] = (V, H)
     s["cls.seq_relationship.weight"], s["cls.seq_relationship.bias"] = (2, H), (2,)
-    return s
+    if not mlm_head or prefix != "bert.":
+        s = {k: v for k, v in s.items() if not k.startswith("cls.predictions." if prefix == "bert." else "cls.")}
+    return {prefix + k[len("bert."):] if k.startswith("bert.") else k: v for k, v in s.items()}
 
 
 def qformer_layers(q, prefix="Qformer.bert.encoder.layer."):
@@ -146,10 +166,18 @@ def blip2(q, blip_vocab=30523):
     return s
 
 
+# their trainer drops the frozen encoders' *parameters* only, so these buffers stay
+STAGE2_BUFFERS = ("video_encoder.embeddings.position_ids", "audio_encoder.embeddings.position_ids",
+                  "Qformer.bert.embeddings.position_ids")
+
+
 def stage2(cfg):
-    """The authors' `checkpoint_N.pth`'s "model" dict (encoders are not saved)."""
+    """The authors' `checkpoint_N.pth`'s "model" dict (encoder parameters are not saved, their
+    buffers are)."""
     q = cfg.qformer
-    s = qformer_layers(q)
+    s = {STAGE2_BUFFERS[0]: (1, cfg.video.tokens_per_frame), STAGE2_BUFFERS[1]: (1, cfg.audio.tokens_per_frame),
+         STAGE2_BUFFERS[2]: (1, q.max_positions)}
+    s.update(qformer_layers(q))
     s.update(lm_and_embeddings(q, q.vocab_size))
     s["query_tokens"] = (1, q.num_query_tokens, q.hidden)
     for m, enc in (("video", cfg.video), ("audio", cfg.audio)):
@@ -157,3 +185,36 @@ def stage2(cfg):
         s[f"{m}_project.weight"], s[f"{m}_project.bias"] = (q.encoder_width, enc.width), (q.encoder_width,)
     s.update(heads(q))
     return s
+
+
+def authors_stage2_file(cfg, device="cpu"):
+    """The whole `checkpoint_N.pth` as their trainer saves it: the five top-level keys, with
+    "config" their run configuration (a plain dict, nothing like ours)."""
+    return {"model": make(stage2(cfg), device),
+            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-5, "weight_decay": 0.05, "params": [0, 1]}]},
+            "config": {"model": {"arch": "uniq4cap", "num_query_token": cfg.qformer.num_query_tokens,
+                                 "freeze_vit": True},
+                       "run": {"init_lr": 1e-4, "max_epoch": 10, "batch_size_train": 16},
+                       "datasets": {"valor": {"vis_processor": {"train": {"name": "video_train"}}}}},
+            "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                       "growth_interval": 2000, "_growth_tracker": 0},
+            "epoch": 9}
+
+
+def hf_cache(cache, repo, files, revision="0123456789abcdef0123456789abcdef01234567"):
+    """Put `files` ({name: bytes}) into `cache` the way huggingface_hub stores a download:
+    models--org--name/blobs/<sha256>, snapshots/<revision>/<name> linking to the blob, and
+    refs/main holding the revision. Returns the snapshot folder."""
+    root = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    snapshot = os.path.join(root, "snapshots", revision)
+    os.makedirs(os.path.join(root, "blobs"), exist_ok=True)
+    os.makedirs(os.path.join(root, "refs"), exist_ok=True)
+    os.makedirs(snapshot, exist_ok=True)
+    with open(os.path.join(root, "refs", "main"), "w") as f:
+        f.write(revision)
+    for name, content in files.items():
+        blob = hashlib.sha256(content).hexdigest()
+        with open(os.path.join(root, "blobs", blob), "wb") as f:
+            f.write(content)
+        os.symlink(os.path.join("..", "..", "blobs", blob), os.path.join(snapshot, name))
+    return snapshot

@@ -1,12 +1,26 @@
 """Every official checkpoint loads by name mapping: values land where they should at tiny
 sizes, the full preset's whole key set and shapes match on the meta device, and a bad file
-fails with a message naming the key."""
+fails with a message naming the key. Each real file layout has a test (buffers, the Conv3d
+LanguageBind variant, bare and head-less BERT files, the authors' five-key stage-2 file);
+public names resolve offline through a pre-populated Hugging Face cache and a file:// URL
+in torch.hub's cache; a truncated file is one error line naming it."""
 
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 
+import data
 import model as M
+import train_caption
 from tests import official_checkpoints as official
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -131,8 +145,10 @@ def test_stage2_checkpoint_reproduces_the_model(cfg, tmp_path):
     audio = torch.randn(2, 3, *cfg.audio.image_size)
     ids = torch.tensor([[cfg.qformer.bos_token_id, 9, 10, cfg.qformer.sep_token_id]] * 2)
     torch.testing.assert_close(a(video, audio, ids)[0], b(video, audio, ids)[0])
-    # our names are the official ones; decoder.bias is an alias of predictions.bias in HF's BERT
-    assert set(M.stage2_state_dict(a)) == set(official.stage2(cfg)) - {"Qformer.cls.predictions.decoder.bias"}
+    # our names are the official ones; decoder.bias is an alias of predictions.bias in HF's BERT,
+    # and the authors' file also carries buffers this model recomputes
+    assert set(M.stage2_state_dict(a)) == (set(official.stage2(cfg)) - {"Qformer.cls.predictions.decoder.bias"}
+                                           - set(official.STAGE2_BUFFERS))
 
 
 def test_full_preset_key_sets_and_shapes_on_meta():
@@ -143,20 +159,21 @@ def test_full_preset_key_sets_and_shapes_on_meta():
     assert cfg.audio.tokens_per_frame == 593 and cfg.video.tokens_per_frame == 257
     M.map_encoder(model.video_encoder, official.make(official.authors_encoder(cfg.video), "meta"), "video.pth")
     M.map_encoder(model.audio_encoder, official.make(official.authors_encoder(cfg.audio), "meta"), "audio.pth")
-    lb = {k[len("vision_model."):]: v for k, v in official.make(official.languagebind(cfg.video), "meta").items()
-          if k.startswith("vision_model.")}
-    M.map_encoder(model.video_encoder, lb, "LanguageBind_Video_FT")
+    for conv3d in (False, True):
+        M.map_languagebind(model.video_encoder, official.make(official.languagebind(cfg.video, conv3d), "meta"))
+    M.map_languagebind(model.audio_encoder, official.make(official.languagebind(cfg.audio), "meta"))
     image_clip = official.authors_encoder(cfg.audio)
     image_clip["embeddings.position_embedding.weight"] = (257, 1024)  # a plain image ViT-L/14
     M.map_encoder(model.audio_encoder, official.make(image_clip, "meta"), "CLIP ViT-L/14")
     bert = official.bert(cfg.qformer)
     assert bert["bert.embeddings.word_embeddings.weight"] == (28996, 768)
     M.map_bert(model, official.make(bert, "meta"))
+    M.map_bert(model, official.make(official.bert(cfg.qformer, prefix=""), "meta"))
     blip2 = official.blip2(cfg.qformer)
     assert blip2["query_tokens"] == (1, 32, 768)
     assert blip2["Qformer.bert.encoder.layer.0.crossattention.self.key.weight"] == (768, 1408)
     M.map_blip2(model, official.make(blip2, "meta"))
-    M.map_stage2(model, official.make(official.stage2(cfg), "meta"))
+    M.map_stage2(model, official.authors_stage2_file(cfg, "meta")["model"])
 
 
 def test_missing_key_is_named(cfg):
@@ -191,3 +208,301 @@ def test_unexpected_languagebind_key_is_named(cfg, tmp_path):
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.pth"):
         M.read_state_dict(str(tmp_path / "nothing.pth"))
+
+
+# -----------------------------------------------------------------------------
+# Every real layout: buffers, variants, the authors' whole stage-2 file
+
+
+def test_authors_stage2_file_loads_with_its_buffers(cfg, tmp_path):
+    """Their checkpoint_N.pth: five top-level keys ("config" is their run configuration) and
+    the frozen parts' position_ids buffers, which this model recomputes."""
+    ckpt = official.authors_stage2_file(cfg)
+    assert set(ckpt) == {"model", "optimizer", "config", "scaler", "epoch"}
+    assert set(official.STAGE2_BUFFERS) <= set(ckpt["model"])
+    torch.save(ckpt, tmp_path / "checkpoint_9.pth")
+    model = fresh(cfg)
+    M.load_stage2(model, str(tmp_path / "checkpoint_9.pth"))
+    sd = ckpt["model"]
+    assert torch.equal(model.query_tokens, sd["query_tokens"])
+    assert torch.equal(model.audio_project.weight, sd["audio_project.weight"])
+    assert torch.equal(model.Qformer.bert.encoder.layer[1].output_query.dense.weight,
+                       sd["Qformer.bert.encoder.layer.1.output_query.dense.weight"])
+
+
+def test_stage2_stays_strict_about_parameters(cfg):
+    """Only buffers are forgiven: a parameter with no place here is still an error naming it."""
+    sd = official.authors_stage2_file(cfg)["model"]
+    sd["Qformer.bert.embeddings.token_type_embeddings.weight"] = torch.zeros(2, cfg.qformer.hidden)
+    with pytest.raises(KeyError, match="token_type_embeddings"):
+        M.map_stage2(fresh(cfg), sd)
+
+
+def test_languagebind_file_already_in_conv3d_form(cfg, tmp_path):
+    """LanguageBind expands the patch embedding to 3-D before training, so a file may hold the
+    Conv3d weight and a class vector per frame already: they load as they are."""
+    sd = official.make(official.languagebind(cfg.video, conv3d=True))
+    assert sd["vision_model.embeddings.patch_embedding.weight"].dim() == 5
+    assert "vision_model.embeddings.position_ids" in sd and "text_model.embeddings.position_ids" in sd
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    model = fresh(cfg)
+    M.load_languagebind(model.video_encoder, str(tmp_path / "pytorch_model.bin"))
+    emb = model.video_encoder.embeddings
+    assert torch.equal(emb.patch_embedding.weight, sd["vision_model.embeddings.patch_embedding.weight"])
+    assert torch.equal(emb.class_embedding, sd["vision_model.embeddings.class_embedding"])
+
+
+def test_bare_bert_model_without_the_bert_prefix_loads(cfg, tmp_path, capsys):
+    """BertModel.save_pretrained / sentence-transformers: `embeddings.*`, `encoder.*`,
+    `pooler.*` and no heads at all."""
+    from safetensors.torch import save_file
+    sd = official.make(official.bert(cfg.qformer, old_names=False, prefix=""))
+    assert not any(k.startswith(("bert.", "cls.")) for k in sd) and "embeddings.position_ids" in sd
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    model = fresh(cfg)
+    M.load_bert(model, str(tmp_path))  # the folder
+    q = model.Qformer
+    assert torch.equal(q.bert.encoder.layer[1].attention.self.key.weight, sd["encoder.layer.1.attention.self.key.weight"])
+    assert torch.equal(q.bert.embeddings.word_embeddings.weight[:-1], sd["embeddings.word_embeddings.weight"])
+    assert "no MLM head" in capsys.readouterr().err
+
+
+def test_bert_without_mlm_head_initialises_ties_and_says_so(cfg, tmp_path, capsys):
+    sd = official.make(official.bert(cfg.qformer, mlm_head=False))
+    assert "cls.seq_relationship.weight" in sd and not any(k.startswith("cls.predictions.") for k in sd)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    model = fresh(cfg)
+    head = model.Qformer.cls.predictions
+    with torch.no_grad():  # whatever was there before, the loader sets BERT's initialisation
+        head.transform.LayerNorm.weight.fill_(3.0)
+        head.bias.fill_(1.0)
+    M.load_bert(model, str(tmp_path / "pytorch_model.bin"))
+    assert head.decoder.weight is model.Qformer.bert.embeddings.word_embeddings.weight  # tied
+    assert torch.equal(head.decoder.weight[:-1], sd["bert.embeddings.word_embeddings.weight"])
+    assert torch.all(head.transform.LayerNorm.weight == 1) and torch.all(head.bias == 0)
+    assert 0.01 < head.transform.dense.weight.std() < 0.03
+    err = capsys.readouterr().err
+    assert "no MLM head" in err and "cls.predictions" in err
+
+
+def test_load_reports_name_what_each_file_leaves_to_other_sources(cfg, tmp_path, capsys):
+    """bert-base-cased leaves the cross-attention of the layers that have one; BLIP-2 leaves
+    the encoders, the new projections and what bert-base-cased provides."""
+    torch.save(official.make(official.bert(cfg.qformer)), tmp_path / "pytorch_model.bin")
+    model = fresh(cfg)
+    M.load_bert(model, str(tmp_path / "pytorch_model.bin"))
+    err = capsys.readouterr().err
+    assert "bert.encoder.layer.{0,1}.crossattention (new in BERT" in err  # tiny: cross-attention in both layers
+    assert "by design: bert" not in err
+    torch.save({"model": official.make(official.blip2(cfg.qformer))}, tmp_path / "blip2_pretrained.pth")
+    M.load_blip2(model, str(tmp_path / "blip2_pretrained.pth"))
+    err = capsys.readouterr().err
+    assert "video_encoder, audio_encoder (the encoder files)" in err
+    assert "ln_video, ln_audio, video_project, audio_project (new in UniQ4Cap" in err
+    assert "Qformer.bert.embeddings, Qformer.cls (from bert-base-cased" in err
+
+
+# -----------------------------------------------------------------------------
+# BERT's tokenizer settings
+
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def bert_vocab(folder, words, config=None):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(SPECIALS + words) + "\n")
+    if config is not None:
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f)
+    return str(folder)
+
+
+@pytest.mark.parametrize("config", [{"do_lower_case": True}, None], ids=["tokenizer_config", "inferred"])
+def test_uncased_vocabulary_lower_cases_captions(tmp_path, config, capsys):
+    """An uncased vocabulary (bert-base-uncased's kind) must not turn 'Dog' into [UNK]."""
+    tok = M.Tokenizer.from_bert(bert_vocab(tmp_path / "uncased", ["a", "dog", "barks"], config))
+    ids, _ = tok.encode(["A Dog barks"])
+    assert tok.tok.token_to_id("[UNK]") not in ids[0].tolist()
+    assert tok.decode(ids[0, 1:]) == "a dog barks"
+    assert ("uncased: captions are lower-cased" in capsys.readouterr().err) == (config is None)
+
+
+def test_cased_setting_keeps_case(tmp_path):
+    tok = M.Tokenizer.from_bert(bert_vocab(tmp_path / "cased", ["a", "Dog", "dog"], {"do_lower_case": False}))
+    ids, _ = tok.encode(["a Dog"])
+    assert ids[0, 2] == tok.tok.token_to_id("Dog")
+
+
+# -----------------------------------------------------------------------------
+# Public names: the Hugging Face cache and torch.hub's cache, offline
+
+
+def to_bytes(sd, fmt="bin"):
+    if fmt == "safetensors":
+        from safetensors.torch import save
+        return save(sd)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An offline HF cache with LanguageBind's two repos (pytorch_model.bin only, as
+    published) and google-bert/bert-base-cased (model.safetensors, vocab.txt,
+    tokenizer_config.json), for the tiny config. HF_HUB_CACHE / HF_HUB_OFFLINE are set for
+    subprocesses and patched into huggingface_hub for this one (it reads them at import)."""
+    from huggingface_hub import constants
+    cache = str(tmp_path / "hf-cache")
+    words = ["a", "dog", "barks", "red", "circle", "##s"]
+    tok_folder = bert_vocab(tmp_path / "vocab", words, {"do_lower_case": False})
+    cfg = M.Tokenizer.from_bert(tok_folder).configure(M.tiny_config())
+    files = {"bert": official.make(official.bert(cfg.qformer, old_names=False), seed=1),
+             "video": official.make(official.languagebind(cfg.video), seed=2),
+             "audio": official.make(official.languagebind(cfg.audio), seed=3)}
+    official.hf_cache(cache, "google-bert/bert-base-cased", {
+        "model.safetensors": to_bytes(files["bert"], "safetensors"),
+        "vocab.txt": open(os.path.join(tok_folder, "vocab.txt"), "rb").read(),
+        "tokenizer_config.json": b'{"do_lower_case": false}'})
+    official.hf_cache(cache, "LanguageBind/LanguageBind_Video_FT", {"pytorch_model.bin": to_bytes(files["video"])})
+    official.hf_cache(cache, "LanguageBind/LanguageBind_Audio_FT", {"pytorch_model.bin": to_bytes(files["audio"])})
+    monkeypatch.setenv("HF_HUB_CACHE", cache)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return {"cfg": cfg, "files": files, "cache": cache}
+
+
+def test_hugging_face_names_resolve_from_the_cache(hub):
+    model = M.UniQ4Cap(hub["cfg"])
+    M.load_pretrained(model, video="LanguageBind/LanguageBind_Video_FT", audio="LanguageBind/LanguageBind_Audio_FT",
+                      bert="google-bert/bert-base-cased")
+    f = hub["files"]
+    assert torch.equal(model.video_encoder.encoder.layers[0].temporal_attn.q_proj.weight,
+                       f["video"]["vision_model.encoder.layers.0.temporal_attn.q_proj.weight"])
+    assert torch.equal(model.audio_encoder.embeddings.position_embedding.weight,
+                       f["audio"]["vision_model.embeddings.position_embedding.weight"])
+    assert torch.equal(model.Qformer.bert.encoder.layer[0].output.dense.weight,
+                       f["bert"]["bert.encoder.layer.0.output.dense.weight"])
+    tok = M.Tokenizer.from_bert("google-bert/bert-base-cased")
+    assert tok.vocab_size == hub["cfg"].qformer.vocab_size
+    # the tokenizer folder is the snapshot the weights came from
+    assert os.path.dirname(M.weights_file("google-bert/bert-base-cased")) == M.bert_folder("google-bert/bert-base-cased")
+
+
+def test_unresolvable_name_is_one_clear_line(hub):
+    with pytest.raises(FileNotFoundError, match=r"nobody/nothing: .*HF_HUB_OFFLINE is set") as e:
+        M.weights_file("nobody/nothing")
+    assert "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match=r"out/align/vidoe.pth: no such file or folder") as e:
+        M.weights_file("out/align/vidoe.pth")  # a mistyped path is not looked up on the Hub
+    with pytest.raises(FileNotFoundError, match="has no vocab.txt|HF_HUB_OFFLINE"):
+        M.Tokenizer.from_bert("LanguageBind/LanguageBind_Video_FT")
+
+
+def test_blip2_url_goes_through_torch_hubs_cache(cfg, tmp_path, monkeypatch):
+    """A file:// URL is downloaded once into <TORCH_HOME>/hub/checkpoints; the short name
+    `blip2` then finds BLIP-2's file there without any download."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    sd = official.make(official.blip2(cfg.qformer))
+    source = tmp_path / "published" / "blip2_pretrained.pth"
+    source.parent.mkdir()
+    torch.save({"model": sd}, source)
+    model = fresh(cfg)
+    M.load_pretrained(model, blip2=source.as_uri())
+    cached = tmp_path / "torch-home" / "hub" / "checkpoints" / "blip2_pretrained.pth"
+    assert cached.exists() and torch.equal(model.itm_head.weight, sd["itm_head.weight"])
+
+    def no_download(*a, **k):
+        raise AssertionError("downloaded although the file is in torch.hub's cache")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    again = fresh(cfg)
+    M.load_pretrained(again, blip2="blip2")
+    assert torch.equal(again.itm_head.weight, sd["itm_head.weight"])
+
+
+def test_sample_captions_with_the_authors_checkpoint_and_public_names(hub, tmp_path):
+    """A new user's command: the authors' checkpoint_N.pth, encoders and BERT by name."""
+    ckpt = official.authors_stage2_file(hub["cfg"])
+    torch.save(ckpt, tmp_path / "checkpoint_9.pth")
+    clip = str(tmp_path / "clip.mp4")
+    data.write_clip(clip, np.zeros((8, 32, 32, 3), dtype=np.uint8), None)
+    r = run(["sample.py", "--video", clip, "--ckpt", str(tmp_path / "checkpoint_9.pth"), "--preset", "tiny",
+             "--bert", "google-bert/bert-base-cased", "--video-encoder", "LanguageBind/LanguageBind_Video_FT",
+             "--audio-encoder", "LanguageBind/LanguageBind_Audio_FT", "--max-length", "4"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+# -----------------------------------------------------------------------------
+# Truncated and corrupt files
+
+
+def run(args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.fixture
+def truncated(cfg, tmp_path):
+    model = fresh(cfg)
+    torch.save({"model": M.stage2_state_dict(model)}, tmp_path / "best.pth")
+    whole = (tmp_path / "best.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(whole[:len(whole) // 2])
+    return str(tmp_path / "truncated.pth")
+
+
+def test_truncated_checkpoint_is_an_error_naming_the_file(truncated, tmp_path):
+    with pytest.raises(M.CheckpointError, match=r"truncated.pth: cannot read this checkpoint") as e:
+        M.read_state_dict(truncated)
+    assert "\n" not in str(e.value)
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(100)}, str(tmp_path / "model.safetensors"))
+    whole = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(whole[:len(whole) - 10])
+    with pytest.raises(M.CheckpointError, match="model.safetensors: cannot read"):
+        M.read_state_dict(str(tmp_path / "model.safetensors"))
+
+
+def test_sample_on_a_truncated_checkpoint_prints_one_line(truncated, tmp_path):
+    clip = str(tmp_path / "clip.mp4")
+    data.write_clip(clip, np.zeros((8, 32, 32, 3), dtype=np.uint8), None)
+    r = run(["sample.py", "--video", clip, "--ckpt", truncated])
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "truncated.pth" in lines[0], r.stderr
+
+
+@pytest.fixture
+def two_clips(tmp_path):
+    root = tmp_path / "clips"
+    root.mkdir()
+    for split in ("train", "val", "test"):
+        (root / f"{split}.json").write_text(json.dumps([{"id": "a", "caption": "a red circle"},
+                                                        {"id": "b", "caption": "a blue square"}]))
+    for clip in ("a", "b"):
+        data.write_clip(str(root / f"{clip}.mp4"), np.zeros((8, 32, 32, 3), dtype=np.uint8), None)
+    return str(root)
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--video-encoder"])
+def test_train_caption_on_a_truncated_file_exits_2_with_one_line(two_clips, truncated, tmp_path, flag, capsys):
+    args = ["--data-dir", two_clips, "--out-dir", str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "2",
+            "--num-workers", "0", "--device", "cpu", "--no-cache-features", "--align-dir", str(tmp_path / "none"),
+            flag, truncated]
+    with pytest.raises(SystemExit) as e:
+        train_caption.main(args)
+    assert e.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "truncated.pth: cannot read this checkpoint" in errors[0]
+
+
+def test_train_align_on_a_missing_encoder_exits_2_with_one_line(two_clips, tmp_path, capsys):
+    import train_align
+    with pytest.raises(SystemExit) as e:
+        train_align.main(["--data-dir", two_clips, "--out-dir", str(tmp_path / "out"), "--max-steps", "1",
+                          "--num-workers", "0", "--device", "cpu", "--video-init", str(tmp_path / "video.pth")])
+    assert e.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "video.pth: no such file or folder" in errors[0]
