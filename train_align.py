@@ -22,7 +22,6 @@ metrics.json (final metrics: retrieval before and after).
 
 import argparse
 import os
-import sys
 
 import torch
 import torch.nn as nn
@@ -159,11 +158,7 @@ def main(argv=None):
     aligner = Aligner(cfg)
     for path, enc in ((args.video_init, aligner.video_encoder), (args.audio_init, aligner.audio_encoder)):
         if path:
-            try:
-                M.load_any_encoder(enc, path)
-            except (FileNotFoundError, M.CheckpointError) as e:  # one line naming the file, no traceback
-                print(f"error: {e}", file=sys.stderr)
-                raise SystemExit(2)
+            M.load_any_encoder(enc, path)
     set_trainable(aligner, mode, args.last_k)
     aligner.video_encoder.patch_dropout = args.patch_dropout
     aligner.to(device)

@@ -35,7 +35,6 @@ tokenizer), last.pth (resumable), metrics.jsonl (log), metrics.json (final test 
 
 import argparse
 import os
-import sys
 from dataclasses import asdict
 
 import torch
@@ -261,12 +260,8 @@ def main(argv=None):
             encoders[name] = os.path.join(args.out_dir, f"{name}.pth")
             if T.is_master():
                 T.save_checkpoint(encoders[name], enc.state_dict())
-    try:
-        M.load_pretrained(net, video=given["video"], audio=given["audio"], bert=args.bert, blip2=args.blip2,
-                          query_noise=args.query_noise)
-    except (FileNotFoundError, M.CheckpointError) as e:  # one line naming the file, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    M.load_pretrained(net, video=given["video"], audio=given["audio"], bert=args.bert, blip2=args.blip2,
+                      query_noise=args.query_noise)
     net.to(device)
     if dtype == torch.bfloat16:
         # the frozen encoders only read: hold them in bf16 (half the memory, no casts per step)
@@ -301,12 +296,8 @@ def main(argv=None):
 
     step, position, best = 0, {"epoch": 0, "index": 0}, None
     if args.resume:
-        try:
-            ckpt = M.read_state_dict(args.resume)  # says which file is truncated or corrupt
-            M.map_stage2(net, ckpt["model"], args.resume)
-        except (FileNotFoundError, M.CheckpointError) as e:
-            print(f"error: cannot resume: {e}", file=sys.stderr)
-            raise SystemExit(2)
+        ckpt = M.read_state_dict(args.resume)  # says which file is truncated or corrupt
+        M.map_stage2(net, ckpt["model"], args.resume)
         optimizer.load_state_dict(ckpt["optimizer"])
         step, position, best = ckpt["step"], dict(ckpt["data"]), ckpt["best"]
         T.restore_rng_state(ckpt["rng"])

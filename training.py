@@ -141,12 +141,14 @@ def decoding_kwargs(args):
 
 def run_script(main, argv=None):
     """Run a script's main(argv). Problems with what the user gave (a missing file or folder,
-    an annotation file or a data set that cannot be used, a missing optional dependency) end
+    an annotation file or a data set that cannot be used, a checkpoint that cannot be read or
+    does not fit, a missing optional dependency) end
     with one `error: ...` line on stderr and exit code 2 instead of a traceback."""
     import data
+    import model
     try:
         return main(argv)
-    except (FileNotFoundError, ModuleNotFoundError, data.DataError) as e:
+    except (FileNotFoundError, ModuleNotFoundError, data.DataError, model.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -18,6 +18,7 @@ import torch
 import data
 import model as M
 import train_caption
+import training as T
 from tests import official_checkpoints as official
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -492,7 +493,7 @@ def test_train_caption_on_a_truncated_file_exits_2_with_one_line(two_clips, trun
             "--num-workers", "0", "--device", "cpu", "--no-cache-features", "--align-dir", str(tmp_path / "none"),
             flag, truncated]
     with pytest.raises(SystemExit) as e:
-        train_caption.main(args)
+        T.run_script(train_caption.main, args)  # what `python train_caption.py` runs
     assert e.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "truncated.pth: cannot read this checkpoint" in errors[0]
@@ -501,8 +502,9 @@ def test_train_caption_on_a_truncated_file_exits_2_with_one_line(two_clips, trun
 def test_train_align_on_a_missing_encoder_exits_2_with_one_line(two_clips, tmp_path, capsys):
     import train_align
     with pytest.raises(SystemExit) as e:
-        train_align.main(["--data-dir", two_clips, "--out-dir", str(tmp_path / "out"), "--max-steps", "1",
-                          "--num-workers", "0", "--device", "cpu", "--video-init", str(tmp_path / "video.pth")])
+        T.run_script(train_align.main, ["--data-dir", two_clips, "--out-dir", str(tmp_path / "out"),
+                                        "--max-steps", "1", "--num-workers", "0", "--device", "cpu",
+                                        "--video-init", str(tmp_path / "video.pth")])
     assert e.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "video.pth: no such file or folder" in errors[0]
