@@ -76,10 +76,17 @@ def build_tokenizer(args, train_records, out_dir):
     on the training captions, saved beside the checkpoint."""
     if args.bert:
         return M.Tokenizer.from_bert(args.bert)
-    tok = M.Tokenizer.train([r[args.caption_field] for r in train_records], args.vocab_size)
+    path = os.path.join(out_dir, "tokenizer.json")
     if T.is_master():
+        tok = M.Tokenizer.train([r[args.caption_field] for r in train_records], args.vocab_size)
         os.makedirs(out_dir, exist_ok=True)
-        tok.save(os.path.join(out_dir, "tokenizer.json"))
+        tok.save(path)
+    if torch.distributed.is_initialized():
+        # the WordPiece trainer numbers its pieces differently in each process (the
+        # tokenizers library's hash maps), so every rank takes rank 0's vocabulary
+        torch.distributed.barrier()
+        if not T.is_master():
+            tok = M.Tokenizer.load(path)
     return tok
 
 

@@ -12,7 +12,9 @@ What makes the two runs comparable, and why each holds:
     the embedded set's video captions, five words each ("a red circle moves up");
   - the Q-Former's dropout is off: each rank draws its masks from its own generator, which
     no single process can repeat (this is not a property of DDP);
-  - both runs read one feature cache, so their inputs are the same bits.
+  - both runs read one feature cache, so their inputs are the same bits;
+  - both use the two ranks' vocabulary: the WordPiece trainer numbers its pieces
+    differently in each process (which is why train_caption.py trains it on rank 0 only).
 The runs stop after a few steps with --stop-at (last.pth saved, no evaluation).
 """
 
@@ -57,8 +59,11 @@ def runs(tmp_path_factory):
 
     ranks = T.launch_local(run_stage2, argv("two-ranks", B), world_size=WORLD)
     saved = dict(M.PRESETS)
+    ranks_vocabulary = M.Tokenizer.load(str(root / "two-ranks" / "tokenizer.json"))
     try:
-        one = run_stage2(argv("one-process", WORLD * B))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(M.Tokenizer, "train", lambda captions, vocab_size: ranks_vocabulary)
+            one = run_stage2(argv("one-process", WORLD * B))
     finally:
         M.PRESETS.update(saved)
     weights = {name: T.load_checkpoint(str(root / name / "last.pth"))["model"]
