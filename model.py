@@ -115,11 +115,13 @@ def tiny_config(vocab_size=1000):
                            embed_dim=64),
         audio=VisionConfig(image_size=(32, 128), patch_size=8, width=64, layers=2, heads=4,
                            mlp_dim=256, num_frames=1, temporal=False, embed_dim=64),
-        # cross-attention in every layer (the paper: every second of 12): with only two
-        # layers, one reading of the memory let the audio tokens crowd out the video ones
+        # BLIP-2's layout in miniature: cross-attention in every second layer, none in the
+        # last. The text reads each layer's query keys and values, computed from that layer's
+        # input, so the queries read the memory once, in layer 0, and the text sees the result
+        # in layer 1. (A cross-attention in the last layer would reach no caption.)
         qformer=QFormerConfig(vocab_size=vocab_size, hidden=128, layers=2, heads=8,
                               intermediate=512, max_positions=64, encoder_width=96,
-                              cross_attention_freq=1, num_query_tokens=16, proj_dim=32,
+                              cross_attention_freq=2, num_query_tokens=16, proj_dim=32,
                               pad_token_id=0, sep_token_id=3, bos_token_id=5),
     )
 
@@ -353,15 +355,17 @@ class BertAttention(nn.Module):
         self.dropout = cfg.dropout
         self.attn_impl = "auto"
 
+    def keys_values(self, kv_input):
+        """kv_input (B, T, W) -> keys and values, each (B, H, T, d)."""
+        h = self.self
+        return split_heads(h.key(kv_input), self.heads), split_heads(h.value(kv_input), self.heads)
+
     def forward(self, x, kv_input=None, mask=None, past_kv=None):
         """x (B, T, C) attends to kv_input (default x itself), after `past_kv` keys/values
         (B, H, P, d) that were computed earlier (the cached queries, then earlier text).
         Returns the block's output and the keys/values including the past, for caching."""
-        kv_input = x if kv_input is None else kv_input
-        h = self.self
-        q = split_heads(h.query(x), self.heads)
-        k = split_heads(h.key(kv_input), self.heads)
-        v = split_heads(h.value(kv_input), self.heads)
+        q = split_heads(self.self.query(x), self.heads)
+        k, v = self.keys_values(x if kv_input is None else kv_input)
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)  # (B, H, P+T, d)
             v = torch.cat([past_kv[1], v], dim=2)
@@ -476,7 +480,8 @@ class LMHead(nn.Module):
 class QFormer(nn.Module):
     """The transformer with two entry points:
       encode_queries: learned queries read the memory; every layer's self-attention keys and
-        values of the queries are returned so the text never has to recompute them;
+        values of the queries are returned so the text never has to recompute them (the
+        queries' own outputs are not: nothing reads them);
       decode_text: text tokens attend to all cached queries and to earlier text, and the LM
         head predicts the next word."""
 
@@ -488,14 +493,22 @@ class QFormer(nn.Module):
 
     def encode_queries(self, queries, memory, memory_mask=None):
         """queries (B, Q, C); memory (B, M, W); memory_mask (B, M) bool, True = present.
-        Returns query outputs (B, Q, C) and per-layer (k, v), each (B, H, Q, d)."""
+        Returns what the text reads: per layer, the queries' self-attention (k, v), each
+        (B, H, Q, d).
+
+        The text at layer l reads keys and values computed from layer l's *input*, so the
+        last layer's query outputs reach nothing: of that layer only the key and value
+        projections of the queries run. Its query-side self-attention output, cross-attention
+        and query FFN are never computed (and UniQ4Cap does not train them)."""
         x = self.bert.embeddings(queries=queries)
         mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, M)
+        *body, last = self.bert.encoder.layer
         cache = []
-        for layer in self.bert.encoder.layer:
+        for layer in body:
             x, kv = layer.forward_queries(x, memory, mask)
             cache.append(kv)
-        return x, cache
+        cache.append(last.attention.keys_values(x))
+        return cache
 
     def decode_text(self, input_ids, cache, text_mask=None):
         """input_ids (B, T) are the text tokens after those already in `cache`. `cache` holds,
@@ -565,6 +578,11 @@ class UniQ4Cap(nn.Module):
         if freeze_encoders:
             for p in self.encoder_parameters():
                 p.requires_grad_(False)
+        # What the caption loss cannot reach stays in the model and its state dict (the
+        # authors' and BLIP-2's files carry it) but is never trained: nothing would give it a
+        # gradient, and under DDP a trained parameter without one stops the run
+        for p in self.unreachable_parameters():
+            p.requires_grad_(False)
         self.video_encoder.patch_dropout = cfg.frozen_patch_dropout or not freeze_encoders
         self.train()
 
@@ -592,6 +610,17 @@ class UniQ4Cap(nn.Module):
 
     def encoder_parameters(self):
         return [*self.video_encoder.parameters(), *self.audio_encoder.parameters()]
+
+    def unreachable_parameters(self):
+        """Parameters no caption depends on: BLIP-2's retrieval and matching heads (`temp`,
+        `vision_proj`, `text_proj`, `itm_head`), and the last Q-Former layer's query path
+        (its cross-attention and query FFN), whose outputs no text reads (QFormer.encode_queries
+        explains why). The last layer's self-attention stays: the text runs through it."""
+        last = self.Qformer.bert.encoder.layer[-1]
+        parts = [self.vision_proj, self.text_proj, self.itm_head, last.intermediate_query, last.output_query]
+        if last.has_cross:
+            parts.append(last.crossattention)
+        return [self.temp] + [p for m in parts for p in m.parameters()]
 
     def train(self, mode=True):
         """Frozen encoders stay in eval mode: the Q-Former trains, the encoders only read.
@@ -621,19 +650,26 @@ class UniQ4Cap(nn.Module):
     def memory(self, video_tokens=None, audio_tokens=None, video_mask=None, audio_mask=None):
         """Concatenate projected video and audio tokens along the token axis. A clip whose
         video (or audio) is missing has those tokens masked out of cross-attention.
-        Returns memory (B, Nv+Na, W) and memory_mask (B, Nv+Na) or None when nothing is masked."""
+        Returns memory (B, Nv+Na, W) and memory_mask (B, Nv+Na) or None when nothing is masked.
+
+        A modality that is None (absent from the whole batch, or not read at all) still runs
+        its LayerNorm and projection, on zero tokens: its parameters then get a zero gradient
+        instead of none, so under DDP every rank all-reduces every trained parameter whatever
+        its micro-batch holds. (A masked modality needs nothing: masked attention already
+        gives its projection a zero gradient.)"""
+        given = video_tokens if video_tokens is not None else audio_tokens
+        if given is None:
+            raise ValueError("a clip needs video or audio: both are None")
         parts, masks = [], []
         for tokens, present, ln, proj in ((video_tokens, video_mask, self.ln_video, self.video_project),
                                           (audio_tokens, audio_mask, self.ln_audio, self.audio_project)):
             if tokens is None:
-                continue
+                tokens = given.new_zeros(given.size(0), 0, proj.in_features)  # (B, 0, D)
             parts.append(proj(ln(tokens)))
             B, N = tokens.shape[:2]
             if present is None:
                 present = torch.ones(B, dtype=torch.bool, device=tokens.device)
             masks.append(present[:, None].expand(B, N))  # (B,) -> (B, N)
-        if not parts:
-            raise ValueError("a clip needs video or audio: both are None")
         memory_mask = torch.cat(masks, dim=1)
         if not memory_mask.any(dim=1).all():
             raise ValueError("a clip in the batch has neither video nor audio")
@@ -642,7 +678,7 @@ class UniQ4Cap(nn.Module):
     def encode_queries(self, video=None, audio=None, video_mask=None, audio_mask=None,
                        video_tokens=None, audio_tokens=None):
         """Encoders (unless their tokens are given, e.g. from a cache), memory, then the query
-        pass. Returns the query outputs (B, Q, C) and their per-layer key/value cache."""
+        pass. Returns the queries' per-layer keys and values, what the text reads."""
         return self.query_pass(*self.encode_memory(video, audio, video_mask, audio_mask,
                                                    video_tokens, audio_tokens))
 
@@ -663,7 +699,7 @@ class UniQ4Cap(nn.Module):
         """captions (B, T): [DEC] w1 ... wn [SEP] [PAD]...; caption_mask (B, T) marks real
         tokens. Returns (logits (B, T, V), loss): position t predicts token t+1; padding and
         the last position are ignored; label smoothing as in the paper."""
-        _, cache = self.encode_queries(video, audio, video_mask, audio_mask, video_tokens, audio_tokens)
+        cache = self.encode_queries(video, audio, video_mask, audio_mask, video_tokens, audio_tokens)
         logits, _ = self.Qformer.decode_text(captions, cache, caption_mask)
         targets = captions[:, 1:].clone()  # (B, T-1)
         if caption_mask is not None:
@@ -804,7 +840,7 @@ class _TextStepper:
     def __init__(self, model, memory, memory_mask, repeats, use_cache):
         self.model, self.use_cache = model, use_cache
         if use_cache:
-            _, cache = model.query_pass(memory, memory_mask)
+            cache = model.query_pass(memory, memory_mask)
             self.cache = [(k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0))
                           for k, v in cache]
         else:
@@ -815,7 +851,7 @@ class _TextStepper:
         if self.use_cache:
             logits, self.cache = self.model.Qformer.decode_text(seq[:, -1:], self.cache)
         else:
-            _, query_cache = self.model.query_pass(self.memory, self.memory_mask)
+            query_cache = self.model.query_pass(self.memory, self.memory_mask)
             logits, _ = self.model.Qformer.decode_text(seq, query_cache)
         return logits[:, -1]
 

@@ -34,6 +34,7 @@ tokenizer), last.pth (resumable), metrics.jsonl (log), metrics.json (final test 
 """
 
 import argparse
+import hashlib
 import os
 from dataclasses import asdict
 
@@ -143,10 +144,17 @@ def build_tokenizer(args, train_records, out_dir):
     on the training captions, saved beside the checkpoint."""
     if args.bert:
         return M.Tokenizer.from_bert(args.bert)
-    tok = M.Tokenizer.train([r[args.caption_field] for r in train_records], args.vocab_size)
+    path = os.path.join(out_dir, "tokenizer.json")
     if T.is_master():
+        tok = M.Tokenizer.train([r[args.caption_field] for r in train_records], args.vocab_size)
         os.makedirs(out_dir, exist_ok=True)
-        tok.save(os.path.join(out_dir, "tokenizer.json"))
+        tok.save(path)
+    if torch.distributed.is_initialized():
+        # the WordPiece trainer numbers its pieces differently in each process (the
+        # tokenizers library's hash maps), so every rank takes rank 0's vocabulary
+        torch.distributed.barrier()
+        if not T.is_master():
+            tok = M.Tokenizer.load(path)
     return tok
 
 
@@ -160,17 +168,28 @@ def encoder_files(args):
     return files
 
 
-def hide_modalities(batch, p):
+def hide_modalities(batch, p, seed):
     """Modality dropout: hide a clip's audio with probability p, else its video with
-    probability p/2, so one model also captions clips that lack one. Never both."""
+    probability p/2, so one model also captions clips that lack one. Never both.
+
+    Each clip's draw is a hash of (seed, epoch, clip id, caption), not a draw from a
+    generator: it does not depend on which rank or micro-batch the clip lands in, so two
+    ranks hide what one process on the same global batch hides, and a resumed run hides
+    what the uninterrupted one did."""
     vm, am = batch["video_mask"], batch["audio_mask"]
     if p <= 0 or vm is None or am is None:
         return batch
-    r = torch.rand(len(vm))  # the global generator, so a resumed run draws the same
+    r = torch.tensor([uniform_hash(seed, batch["epoch"], i, c) for i, c in zip(batch["ids"], batch["captions"])])
     drop_audio = (r < p) & vm
     drop_video = (r >= p) & (r < 1.5 * p) & am
     batch["audio_mask"], batch["video_mask"] = am & ~drop_audio, vm & ~drop_video
     return batch
+
+
+def uniform_hash(*key):
+    """A number in [0, 1), uniformly spread, that is a pure function of `key`."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2 ** 64
 
 
 def model_inputs(batch, device, cached=False):
@@ -270,6 +289,9 @@ def main(argv=None):
     model = T.maybe_compile(net, args.compile)
     ddp_model = None
     if ddp:
+        # no find_unused_parameters: every trained parameter gets a gradient on every rank
+        # (what the caption cannot reach is frozen, UniQ4Cap.unreachable_parameters, and a
+        # modality absent from a micro-batch gives a zero one, UniQ4Cap.memory)
         ddp_model = model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == "cuda" else None)
     optimizer = T.make_optimizer(net, args.lr, args.weight_decay, device_type=device.type)
@@ -312,7 +334,7 @@ def main(argv=None):
     stream = T.batches_forever(train_set, loader_fn, sampler, args.batch_size, position, tracker)
 
     def loss_fn(batch):
-        batch = hide_modalities(batch, args.modality_dropout)
+        batch = hide_modalities(batch, args.modality_dropout, args.seed)
         ids, mask = tokenizer.encode(batch["captions"], cfg.max_text_len)
         with ctx:
             _, loss = model(captions=ids.to(device), caption_mask=mask.to(device),

@@ -522,7 +522,9 @@ def resolve_data_paths(args):
 class EpochSampler(torch.utils.data.Sampler):
     """This rank's share of a permutation drawn from (seed, epoch), starting `start` items
     in: a resumed run continues exactly where the saved one stopped, without loading the
-    batches it skips."""
+    batches it skips. The shares interleave (rank r takes items r, r+world, ...), so the
+    ranks' k-th micro-batches together hold the clips one process with world times the
+    batch size would take in its k-th: DDP trains on the same global batches."""
 
     def __init__(self, n, seed, rank=0, world=1, shuffle=True):
         self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
@@ -537,7 +539,7 @@ class EpochSampler(torch.utils.data.Sampler):
         else:
             order = list(range(self.n))
         per_rank = self.n // self.world  # equal shares keep the ranks in step
-        return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return order[:per_rank * self.world][self.rank::self.world]
 
     def __iter__(self):
         return iter(self.indices()[self.start:])
@@ -562,7 +564,9 @@ def batches_forever(dataset, loader_fn, sampler, batch_size, state, tracker=None
     position saved in checkpoints: `index` counts items consumed in the current epoch.
     Per-epoch skip reports go through `tracker` (data.SkipTracker). A batch in which no clip
     could be read is counted and skipped; an epoch in which none could be read stops the run
-    with data.UnreadableClips and the skip report, instead of training on nothing forever."""
+    with data.UnreadableClips and the skip report, instead of training on nothing forever.
+    Each batch also carries its "epoch", for draws that must depend on it
+    (train_caption.hide_modalities)."""
     import data
     while True:
         dataset.set_epoch(state["epoch"])
@@ -570,6 +574,7 @@ def batches_forever(dataset, loader_fn, sampler, batch_size, state, tracker=None
         whole_epoch, seen, readable = state["index"] == 0, 0, 0  # (a resumed run starts mid-epoch)
         for batch in loader_fn():
             state["index"] += len(batch["ids"]) + len(batch["skipped"])
+            batch["epoch"] = state["epoch"]
             if tracker is not None:
                 tracker.update(batch)
             seen += len(batch["ids"]) + len(batch["skipped"])

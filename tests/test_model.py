@@ -40,8 +40,7 @@ def test_module_shapes(model):
     memory, memory_mask = model.memory(v, a)
     assert memory.shape == (2, v.size(1) + a.size(1), cfg.qformer.encoder_width)
     assert memory_mask is None
-    queries, cache = model.encode_queries(video, audio)
-    assert queries.shape == (2, cfg.qformer.num_query_tokens, cfg.qformer.hidden)
+    cache = model.encode_queries(video, audio)
     head_dim = cfg.qformer.hidden // cfg.qformer.heads
     assert len(cache) == cfg.qformer.layers
     assert cache[0][0].shape == (2, cfg.qformer.heads, cfg.qformer.num_query_tokens, head_dim)
@@ -97,20 +96,94 @@ def test_later_text_never_changes_earlier_logits(model):
     assert not torch.allclose(logits[:, 5:], logits2[:, 5:])
 
 
-def test_query_outputs_do_not_depend_on_text(model):
-    """The queries run before (and without) any text: their outputs and cached keys/values
-    are a function of the memory alone, so the text can only read them."""
-    video, audio, _, _ = make_batch(model.cfg)
-    q1, cache1 = model.encode_queries(video, audio)
-    q2, cache2 = model.encode_queries(video, audio)
-    torch.testing.assert_close(q1, q2)
+def test_query_cache_does_not_depend_on_text(model):
+    """The queries run before (and without) any text: their cached keys/values are a
+    function of the memory alone, so the text can only read them."""
+    video, audio, captions, mask = make_batch(model.cfg)
+    cache1 = model.encode_queries(video, audio)
+    cache2 = model.encode_queries(video, audio)
     # and the text pass leaves the query cache untouched: text keys are appended after it
-    _, captions, mask = None, *make_batch(model.cfg)[2:]
     _, grown = model.Qformer.decode_text(captions, cache1, mask)
     Q = model.cfg.qformer.num_query_tokens
     for (k, v), (gk, gv) in zip(cache2, grown):
         torch.testing.assert_close(gk[:, :, :Q], k)
         torch.testing.assert_close(gv[:, :, :Q], v)
+
+
+def every_layer_reading_the_memory():
+    """The tiny preset with cross-attention in every layer, the last one included (the
+    layout the tiny preset had before it was found dead there)."""
+    cfg = tiny_config()
+    cfg.qformer.cross_attention_freq = 1
+    torch.manual_seed(0)
+    return UniQ4Cap(cfg).eval()
+
+
+@pytest.mark.parametrize("layout", ["tiny", "cross-attention in the last layer"])
+def test_query_pass_skips_only_what_no_text_reads(model, layout):
+    """encode_queries stops at the last layer's query keys and values; running that layer's
+    whole query path (self-attention output, cross-attention, FFN) gives the same cache."""
+    if layout != "tiny":
+        model = every_layer_reading_the_memory()
+    video, audio, _, _ = make_batch(model.cfg)
+    memory, memory_mask = model.encode_memory(video, audio, audio_mask=torch.tensor([True, False]))
+    x = model.Qformer.bert.embeddings(queries=model.query_tokens.expand(2, -1, -1))
+    full = []
+    for layer in model.Qformer.bert.encoder.layer:
+        x, kv = layer.forward_queries(x, memory, memory_mask[:, None, None, :])
+        full.append(kv)
+    for (k, v), (fk, fv) in zip(model.query_pass(memory, memory_mask), full):
+        assert torch.equal(k, fk) and torch.equal(v, fv)
+
+
+@pytest.mark.parametrize("layout", ["tiny", "cross-attention in the last layer"])
+def test_unreachable_parameters_change_no_caption_and_stay_frozen_in_the_state_dict(model, layout):
+    """BLIP-2's heads and the last layer's query path: frozen (nothing would train them, and
+    DDP stops on a trained parameter without a gradient), yet kept so checkpoints load, and
+    whatever they hold, the loss and the captions are the same."""
+    if layout != "tiny":
+        model = every_layer_reading_the_memory()
+    names = {n for n, p in model.named_parameters() if any(p is q for q in model.unreachable_parameters())}
+    last = f"Qformer.bert.encoder.layer.{model.cfg.qformer.layers - 1}."
+    expected = {"temp", "vision_proj.weight", "itm_head.bias", last + "intermediate_query.dense.weight",
+                last + "output_query.LayerNorm.bias"}
+    assert expected <= names
+    assert any(".crossattention." in n for n in names) == (layout != "tiny")  # the tiny preset reads where it counts
+    assert names <= set(model.state_dict())
+    assert all(not p.requires_grad for p in model.unreachable_parameters())
+    video, audio, captions, mask = make_batch(model.cfg)
+    logits, _ = model(video, audio, captions, mask)
+    ids = model.generate(video, audio, max_length=10)
+    with torch.no_grad():
+        for p in model.unreachable_parameters():
+            p.normal_()
+    torch.testing.assert_close(model(video, audio, captions, mask)[0], logits, atol=0, rtol=0)
+    assert torch.equal(model.generate(video, audio, max_length=10), ids)
+
+
+@pytest.mark.parametrize("lacks", ["nothing", "audio hidden for every clip", "audio absent from the batch",
+                                   "video absent from the batch"])
+def test_every_trained_parameter_gets_a_gradient_whatever_the_batch_lacks(lacks):
+    """What DDP without find_unused_parameters needs: on every rank, every parameter that
+    requires grad gets one, even when modality dropout or the data leave a whole micro-batch
+    without one modality. That modality's projection then gets an exact zero."""
+    torch.manual_seed(0)
+    model = UniQ4Cap(tiny_config()).train()
+    video, audio, captions, mask = make_batch(model.cfg)
+    v, a = model.encode(video, audio)
+    inputs = {"video_tokens": v, "audio_tokens": a}
+    if lacks == "audio hidden for every clip":
+        inputs["audio_mask"] = torch.tensor([False, False])
+    elif lacks == "audio absent from the batch":
+        inputs["audio_tokens"], inputs["audio_mask"] = None, torch.tensor([False, False])  # as data.collate gives it
+    elif lacks == "video absent from the batch":
+        inputs["video_tokens"] = None
+    _, loss = model(captions=captions, caption_mask=mask, **inputs)
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    missing = {"nothing": None, "video absent from the batch": model.video_project}.get(lacks, model.audio_project)
+    for proj in (model.video_project, model.audio_project):
+        assert (proj.weight.grad.abs().sum() == 0) == (proj is missing)
 
 
 def test_missing_audio_is_masked_not_noise(model):
