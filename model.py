@@ -1038,7 +1038,8 @@ def _left_parts(left, fresh):
         parts.setdefault(fresh[f], {}).setdefault(key, set()).update([int(m.group(1))] if m else [])
     phrases = []
     for reason, paths in parts.items():
-        names = [p.replace("*", "{" + ",".join(map(str, sorted(n))) + "}") for p, n in paths.items()]
+        names = [p.replace("*", str(*n) if len(n) == 1 else "{" + ",".join(map(str, sorted(n))) + "}")
+                 for p, n in paths.items()]
         phrases.append(f"{', '.join(names)} ({reason})")
     return "; ".join(phrases)
 

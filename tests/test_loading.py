@@ -152,7 +152,7 @@ def test_stage2_checkpoint_reproduces_the_model(cfg, tmp_path):
                                            - set(official.STAGE2_BUFFERS))
 
 
-def test_full_preset_key_sets_and_shapes_on_meta():
+def test_full_preset_key_sets_and_shapes_on_meta(capsys):
     """Every loader against the paper's shapes, on the meta device (no memory spent)."""
     cfg = M.full_config()
     with torch.device("meta"):
@@ -169,6 +169,7 @@ def test_full_preset_key_sets_and_shapes_on_meta():
     bert = official.bert(cfg.qformer)
     assert bert["bert.embeddings.word_embeddings.weight"] == (28996, 768)
     M.map_bert(model, official.make(bert, "meta"))
+    assert "bert.encoder.layer.{0,2,4,6,8,10}.crossattention (new in BERT" in capsys.readouterr().err
     M.map_bert(model, official.make(official.bert(cfg.qformer, prefix=""), "meta"))
     blip2 = official.blip2(cfg.qformer)
     assert blip2["query_tokens"] == (1, 32, 768)
@@ -293,7 +294,9 @@ def test_load_reports_name_what_each_file_leaves_to_other_sources(cfg, tmp_path,
     model = fresh(cfg)
     M.load_bert(model, str(tmp_path / "pytorch_model.bin"))
     err = capsys.readouterr().err
-    assert "bert.encoder.layer.{0,1}.crossattention (new in BERT" in err  # tiny: cross-attention in both layers
+    q = cfg.qformer
+    assert q.layers == 2 and q.cross_attention_freq == 2  # tiny: cross-attention in layer 0 only
+    assert "bert.encoder.layer.0.crossattention (new in BERT" in err
     assert "by design: bert" not in err
     torch.save({"model": official.make(official.blip2(cfg.qformer))}, tmp_path / "blip2_pretrained.pth")
     M.load_blip2(model, str(tmp_path / "blip2_pretrained.pth"))
