@@ -931,12 +931,24 @@ class Tokenizer:
 
     @classmethod
     def train(cls, captions, vocab_size=1000):
-        """A WordPiece vocabulary learned from `captions` (for training without BERT files)."""
+        """A WordPiece vocabulary from `captions` (for training without BERT files): the special
+        tokens, every character seen (alone and as a `##` continuation, so any word of the
+        captions can be spelled), then whole words by falling count, ties alphabetical, up to
+        `vocab_size`. Built by rule rather than by the tokenizers library's trainer, whose
+        pieces and ids change from one call to the next (ties broken by hash order), so the
+        same captions always give the same ids and a run with the same seed trains the same."""
+        from collections import Counter
+
         from tokenizers import BertWordPieceTokenizer
-        tok = BertWordPieceTokenizer(lowercase=False, strip_accents=False)
-        tok.train_from_iterator(list(captions), vocab_size=vocab_size, min_frequency=1,
-                                special_tokens=cls.SPECIALS + ["[DEC]"], show_progress=False)
-        return cls(tok)
+        from tokenizers.pre_tokenizers import BertPreTokenizer
+        split = BertPreTokenizer().pre_tokenize_str  # BERT's word and punctuation split
+        counts = Counter(w for c in captions for w, _ in split(c))
+        chars = sorted({ch for w in counts for ch in w})
+        vocab = cls.SPECIALS + ["[DEC]"] + chars + ["##" + ch for ch in chars]
+        words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+        vocab += words[:max(0, vocab_size - len(vocab))]
+        return cls(BertWordPieceTokenizer({w: i for i, w in enumerate(vocab)}, lowercase=False,
+                                          strip_accents=False))
 
     @classmethod
     def load(cls, path):

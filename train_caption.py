@@ -139,9 +139,12 @@ def get_args(argv=None):
     return args
 
 
-def build_tokenizer(args, train_records, out_dir):
-    """bert-base-cased's vocabulary when --bert names it; else a WordPiece vocabulary trained
-    on the training captions, saved beside the checkpoint."""
+def build_tokenizer(args, train_records, out_dir, resumed=None):
+    """The vocabulary of the checkpoint being resumed, if any (a WordPiece vocabulary trained
+    again could number its pieces differently); else bert-base-cased's when --bert names it;
+    else a WordPiece vocabulary trained on the training captions, saved beside the checkpoint."""
+    if resumed is not None:
+        return M.Tokenizer.from_string(resumed["tokenizer"])
     if args.bert:
         return M.Tokenizer.from_bert(args.bert)
     path = os.path.join(out_dir, "tokenizer.json")
@@ -260,7 +263,8 @@ def main(argv=None):
     # every annotation file is checked before the (possibly large) model is built
     records = {split: data.load_annotations(path, args.caption_field) for split, path in anns.items()}
     train_records = data.caption_pairs(records["train"], args.caption_field)
-    tokenizer = build_tokenizer(args, train_records, args.out_dir)
+    resumed = T.load_checkpoint(args.resume) if args.resume else None
+    tokenizer = build_tokenizer(args, train_records, args.out_dir, resumed)
     cfg = tokenizer.configure(M.PRESETS[args.preset]())
     cfg.frozen_patch_dropout = args.frozen_patch_dropout
     T.print0(f"recipe (--preset {args.preset}; full is the paper's):\n"
@@ -317,12 +321,11 @@ def main(argv=None):
     loader_fn = lambda: T.make_loader(train_set, args.batch_size, sampler, args.num_workers, data.collate)
 
     step, position, best = 0, {"epoch": 0, "index": 0}, None
-    if args.resume:
-        ckpt = M.read_state_dict(args.resume)  # says which file is truncated or corrupt
-        M.map_stage2(net, ckpt["model"], args.resume)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, position, best = ckpt["step"], dict(ckpt["data"]), ckpt["best"]
-        T.restore_rng_state(ckpt["rng"])
+    if resumed is not None:
+        M.map_stage2(net, resumed["model"], args.resume)
+        optimizer.load_state_dict(resumed["optimizer"])
+        step, position, best = resumed["step"], dict(resumed["data"]), resumed["best"]
+        T.restore_rng_state(resumed["rng"])
         T.print0(f"resumed from {args.resume} at step {step}")
     T.print0(f"stage 2 ({args.preset}, {args.modalities}): {net.num_params(True) / 1e6:.2f}M trainable "
              f"parameters on {device}, {len(train_set)} training (clip, caption) pairs of "
@@ -354,7 +357,8 @@ def main(argv=None):
                     save_model(os.path.join(args.out_dir, "best.pth"), net, tokenizer, encoders, step, scores)
             T.save_checkpoint(os.path.join(args.out_dir, "last.pth"), {
                 "model": M.stage2_state_dict(net), "optimizer": optimizer.state_dict(), "step": step,
-                "data": dict(position), "rng": rng, "best": best, "config": asdict(cfg)})
+                "data": dict(position), "rng": rng, "best": best, "config": asdict(cfg),
+                "tokenizer": tokenizer.tok.to_str()})
         if ddp:
             torch.distributed.barrier()
 

@@ -439,9 +439,10 @@ def load_checkpoint(path):
     """Read one of our checkpoints onto the CPU (load_state_dict moves tensors to the model's
     and optimizer's device). A missing path is an error, never a silent fresh start. Loaded
     with weights_only=True: our checkpoints hold only tensors and plain values."""
+    import model  # its reader names a truncated or corrupt file in one line
     if not os.path.isfile(path):
         raise FileNotFoundError(f"cannot resume: no checkpoint file at {path!r}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return model.read_state_dict(path)
 
 
 # -----------------------------------------------------------------------------
@@ -553,9 +554,14 @@ def _worker_init(_):
 
 
 def make_loader(dataset, batch_size, sampler, num_workers, collate_fn):
+    """A DataLoader with a generator of its own: starting an iterator draws its workers' base
+    seed from it, never from the global generator that dropout uses, so a run resumed mid-epoch
+    (a new iterator where the straight run kept its old one) draws the same dropout masks.
+    The datasets' own randomness comes from per-item generators, not from the workers' seeds."""
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                        num_workers=num_workers, collate_fn=collate_fn,
                                        worker_init_fn=_worker_init if num_workers else None,
+                                       generator=torch.Generator().manual_seed(0),
                                        drop_last=False, persistent_workers=False)
 
 

@@ -289,3 +289,16 @@ def test_trained_tokenizer_round_trips_through_its_file(tmp_path):
     ids, _ = again.encode(captions[:2])
     assert torch.equal(ids, tok.encode(captions[:2])[0])
     assert [again.decode(r[1:]) for r in ids] == captions[:2]
+
+
+def test_trained_tokenizer_is_the_same_every_time_and_spells_unseen_words():
+    """The same captions give the same vocabulary and ids (a run with the same seed trains
+    the same); a word left out of a small vocabulary is spelled from its characters."""
+    from model import Tokenizer
+    captions = ["a red circle moves left", "a blue square moves up over rain", "Rain!"] * 3
+    vocabs = [Tokenizer.train(captions, vocab_size=200).tok.get_vocab() for _ in range(3)]
+    assert vocabs[0] == vocabs[1] == vocabs[2]
+    tok = Tokenizer.train(captions, vocab_size=40)  # specials and characters, then the commonest words
+    assert tok.pad_id == 0 and tok.sep_id == 3 and tok.bos_id == 5  # tiny_config's special ids
+    assert tok.tok.encode("square", add_special_tokens=False).tokens == ["s", "##q", "##u", "##a", "##r", "##e"]
+    assert tok.decode(tok.encode(["a blue square"])[0][0, 1:]) == "a blue square"

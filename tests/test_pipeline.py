@@ -54,6 +54,21 @@ def test_resume_from_a_missing_checkpoint_is_an_error(clips, tmp_path):
         train_align.main(common(clips, str(tmp_path), 2) + ["--resume", str(tmp_path / "nothing.pt")])
 
 
+def test_stage2_resume_is_exact_and_keeps_the_checkpoints_vocabulary(clips, tmp_path):
+    """4 steps straight equal 2 steps, last.pth, and 2 resumed steps. The resumed run is given
+    another --vocab-size: it must keep the vocabulary its weights were trained with (a WordPiece
+    vocabulary trained again may number its pieces differently)."""
+    def run(out, *extra):
+        return train_caption.main(common(clips, str(tmp_path / out), 4)
+                                  + ["--eval-every", "2", "--eval-max", "2", "--cache-dir", str(tmp_path / "cache"),
+                                     "--align-dir", str(tmp_path / "no-stage-1"), *extra])
+    straight = run("a")
+    first = run("b", "--stop-at", "2")
+    rest = run("b", "--resume", str(tmp_path / "b" / "last.pth"), "--vocab-size", "60")
+    assert len(first) == 2 and len(rest) == 2
+    np.testing.assert_allclose(first + rest, straight, rtol=0, atol=1e-6)
+
+
 def test_stage2_trains_from_the_feature_cache(clips, tmp_path):
     args = common(clips, str(tmp_path / "caption"), 2) + ["--eval-every", "2", "--eval-max", "2", "--cache-features",
                                                           "--cache-dir", str(tmp_path / "cache"),
