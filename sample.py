@@ -4,7 +4,8 @@
     python sample.py --video a.mp4 b.mp4 --decode beam      # several files: JSON Lines
     python sample.py --video folder/ --num-captions 3 --decode sample
     python sample.py --video x.mp4 --ckpt checkpoint_N.pth --preset full \\
-        --video-encoder video.pth --audio-encoder audio.pth --bert bert-base-cased
+        --bert google-bert/bert-base-cased --video-encoder LanguageBind/LanguageBind_Video_FT \\
+        --audio-encoder LanguageBind/LanguageBind_Audio_FT    # the authors' stage-2 file
     python sample.py --video x.mp4 --decode sample --top-p 0.9 --top-k 50 \\
         --min-length 10 --max-length 30                     # the original's evaluation decoding
 

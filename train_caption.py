@@ -26,8 +26,9 @@ The original's evaluation decoding: --decode sample --top-p 0.9 --top-k 50 --min
     python train_caption.py                                  # tiny, embedded data, CPU
     python train_caption.py --modalities video               # a video-only model
     python train_caption.py --preset full --data-dir D --train-ann D/train.json ... \\
-        --video-encoder video.pth --audio-encoder audio.pth --bert bert-base-cased \\
-        --blip2 blip2_pretrained.pth                         # the paper's recipe
+        --video-encoder LanguageBind/LanguageBind_Video_FT \\
+        --audio-encoder LanguageBind/LanguageBind_Audio_FT \\
+        --bert google-bert/bert-base-cased --blip2 blip2     # the paper's recipe
 
 Outputs in --out-dir (default out/caption): best.pth (stage-2 checkpoint: model, config,
 tokenizer), last.pth (resumable), metrics.jsonl (log), metrics.json (final test metrics).
