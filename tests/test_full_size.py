@@ -1,0 +1,117 @@
+"""The paper's setting end to end on the CPU, at full size (DESIGN.md sections 2-5 and 7).
+
+Official-layout files with random weights at the real shapes (LanguageBind's video and audio
+`pytorch_model.bin`, a bert-base-cased folder, BLIP-2's `blip2_pretrained.pth`), three real mp4
+clips with annotations in the authors' format (`id`, `sound_mplug`), then what a user runs:
+`train_caption.py --preset full` for two steps at batch 2 (evaluation and saving included),
+`sample.py` with the checkpoint it wrote, and `sample.py` with a stage-2 checkpoint built like
+the authors' `checkpoint_N.pth`. Nothing is shrunk: every tower has its 24 or 12 layers.
+
+It is the slowest test of the suite (minutes, several GB of files under the pytest tmp folder).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import model as M
+import train_caption
+from tests import official_checkpoints as official
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPTIONS = ["A person plays a guitar on a stage while the crowd cheers loudly.",
+            "A dog barks at a passing car in the street.",
+            "Rain falls on a tin roof and thunder rolls in the distance."]
+
+
+def write_vocab(path, captions):
+    """A vocab.txt with bert-base-cased's size and special ids ([PAD] 0, [UNK] 100, [CLS] 101,
+    [SEP] 102, [MASK] 103) that spells the captions' words; the rest are filler entries."""
+    words = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    pieces = set()
+    for c in captions:
+        pieces.update(c.replace(".", " . ").replace(",", " , ").split())
+    chars = [chr(c) for c in range(33, 127)]
+    words += sorted(pieces - set(words)) + [c for c in chars if c not in pieces] + ["##" + c for c in chars]
+    words += [f"filler{i}" for i in range(28996 - len(words))]
+    assert len(words) == 28996
+    with open(path, "w") as f:
+        f.write("\n".join(words) + "\n")
+
+
+@pytest.fixture(scope="module")
+def paper_files(tmp_path_factory):
+    """Official-layout checkpoints at full size and an authors'-format dataset of 3 clips."""
+    root = tmp_path_factory.mktemp("paper")
+    cfg = M.full_config()
+    files = {}
+    for name, tower in (("video", cfg.video), ("audio", cfg.audio)):
+        folder = root / f"LanguageBind_{name.title()}_FT"
+        folder.mkdir()
+        files[name] = str(folder / "pytorch_model.bin")
+        torch.save(official.make(official.languagebind(tower)), files[name])
+    bert = root / "bert-base-cased"
+    bert.mkdir()
+    torch.save(official.make(official.bert(cfg.qformer)), bert / "pytorch_model.bin")
+    write_vocab(bert / "vocab.txt", CAPTIONS)
+    (bert / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    files["bert"] = str(bert)
+    files["blip2"] = str(root / "blip2_pretrained.pth")
+    torch.save({"model": official.make(official.blip2(cfg.qformer))}, files["blip2"])
+
+    media = root / "videos"
+    media.mkdir()
+    # a landscape clip, a portrait one and a short square one: the resize and crop rules see
+    # both orientations
+    for i, (w, h, seconds) in enumerate([(640, 360, 3), (360, 480, 2), (256, 256, 1)]):
+        data.write_test_clip(str(media / f"yt{i}.mp4"), seconds, w, h, seed=i)
+    records = [{"id": f"yt{i}", "instance_id": i, "sound_mplug": c} for i, c in enumerate(CAPTIONS)]
+    for split, recs in (("train", records), ("val", records[:1]), ("test", records[1:2])):
+        with open(root / f"{split}.json", "w") as f:
+            json.dump(recs, f)
+    files["root"], files["media"] = str(root), str(media)
+    yield files
+    shutil.rmtree(root)  # about 4 GB of weights: not left for pytest's kept temp folders
+
+
+def run_sample(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args, "--device", "cpu"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+
+
+def test_paper_setting_trains_saves_and_captions(paper_files, tmp_path):
+    """Two training steps at batch 2 with the paper's recipe (frozen video patch dropout, no
+    modality dropout, the caption from `sound_mplug`), validation, best.pth, the test split;
+    then sample.py with our checkpoint and with the authors'."""
+    f = paper_files
+    out = str(tmp_path / "caption")
+    losses = train_caption.main([
+        "--preset", "full", "--data-dir", f["media"], "--train-ann", os.path.join(f["root"], "train.json"),
+        "--val-ann", os.path.join(f["root"], "val.json"), "--test-ann", os.path.join(f["root"], "test.json"),
+        "--video-encoder", f["video"], "--audio-encoder", f["audio"], "--bert", f["bert"], "--blip2", f["blip2"],
+        "--batch-size", "2", "--max-steps", "2", "--eval-every", "2", "--num-workers", "0",
+        "--device", "cpu", "--out-dir", out])
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert os.path.exists(os.path.join(out, "best.pth"))
+    with open(os.path.join(out, "metrics.json")) as fh:
+        assert json.load(fh)["test"]["clips"] == 1
+
+    clip = os.path.join(f["media"], "yt0.mp4")
+    r = run_sample("--video", clip, "--ckpt", os.path.join(out, "best.pth"), "--max-length", "6")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1
+
+    # the authors' checkpoint_N.pth: their trainer's five keys, their run config, and the frozen
+    # encoders' persistent buffers beside the trained weights
+    authors = str(tmp_path / "checkpoint_9.pth")
+    torch.save(official.authors_stage2_file(M.full_config()), authors)
+    r = run_sample("--video", clip, "--ckpt", authors, "--preset", "full", "--bert", f["bert"],
+                   "--video-encoder", f["video"], "--audio-encoder", f["audio"], "--max-length", "6")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1
