@@ -85,7 +85,7 @@ def run_sample(*args):
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
 
 
-def test_paper_setting_trains_saves_and_captions(paper_files, tmp_path):
+def test_paper_setting_trains_saves_and_captions(paper_files, tmp_path, capsys):
     """Two training steps at batch 2 with the paper's recipe (frozen video patch dropout, no
     modality dropout, the caption from `sound_mplug`), validation, best.pth, the test split;
     then sample.py with our checkpoint and with the authors'."""
@@ -98,6 +98,9 @@ def test_paper_setting_trains_saves_and_captions(paper_files, tmp_path):
         "--batch-size", "2", "--max-steps", "2", "--eval-every", "2", "--num-workers", "0",
         "--device", "cpu", "--out-dir", out])
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    said = capsys.readouterr().out
+    assert "caption field: 'sound_mplug'" in said  # the authors' caption, chosen and announced
+    assert "--frozen-patch-dropout on\n" in said and "--modality-dropout 0\n" in said  # the paper's recipe
     assert os.path.exists(os.path.join(out, "best.pth"))
     with open(os.path.join(out, "metrics.json")) as fh:
         assert json.load(fh)["test"]["clips"] == 1
