@@ -48,6 +48,14 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def encoder_path(name, ckpt):
+    """An encoder file as a checkpoint names it: a bare file name is one that lay beside the
+    checkpoint when it was written (train_caption.model_state), so it is looked up beside the
+    checkpoint wherever that is now; anything else (a path, a public name) is used as it is."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(ckpt)), name)
+    return beside if os.path.basename(name) == name and os.path.isfile(beside) else name
+
+
 def load_captioner(args):
     """Rebuild the model a checkpoint describes. Ours (train_caption.py's best.pth) carry
     config, tokenizer and encoder names; the authors' checkpoint_N.pth has a "config" too,
@@ -59,7 +67,7 @@ def load_captioner(args):
     if "tokenizer" in ckpt:
         cfg = M.config_from_dict(ckpt["config"])
         tokenizer = M.Tokenizer.from_string(ckpt["tokenizer"])
-        encoders = dict(ckpt.get("encoders") or {})
+        encoders = {k: encoder_path(v, args.ckpt) for k, v in (ckpt.get("encoders") or {}).items()}
     else:
         if not (args.preset and args.bert):
             raise M.CheckpointError(f"{args.ckpt} carries no tokenizer (the authors' checkpoint_N.pth, or a "

@@ -247,12 +247,49 @@ def evaluate(net, dataset, references, tokenizer, device, ctx, args, limit=0):
     return out
 
 
-def save_model(path, net, tokenizer, encoders, step, scores):
-    """A stage-2 checkpoint in the authors' layout ("model": everything but the frozen
-    encoders) plus what sample.py needs to rebuild it: config, tokenizer, encoder files."""
-    T.save_checkpoint(path, {"model": M.stage2_state_dict(net), "config": asdict(net.cfg),
-                             "tokenizer": tokenizer.tok.to_str(), "encoders": encoders,
-                             "step": step, "metrics": scores})
+def model_state(net, tokenizer, encoders, folder):
+    """What sample.py needs to rebuild the captioner, in the authors' layout ("model":
+    everything but the frozen encoders) plus our config, tokenizer and encoder files. An
+    encoder file inside the checkpoint's own `folder` is stored by its name alone and found
+    beside the checkpoint (sample.encoder_path), so an output folder can be moved or read from
+    anywhere; other local files are stored as absolute paths, public names as they are."""
+    def portable(name):
+        if not os.path.exists(name):
+            return name  # a Hugging Face repo id or a URL
+        path = os.path.abspath(name)
+        return os.path.basename(path) if os.path.dirname(path) == os.path.abspath(folder) else path
+    return {"model": M.stage2_state_dict(net), "config": asdict(net.cfg), "tokenizer": tokenizer.tok.to_str(),
+            "encoders": {k: portable(v) for k, v in encoders.items()}}
+
+
+def run_identity(args, sources):
+    """What a resumed run must share with the run it continues. The frozen encoders are named
+    by where their weights came from (None: this run's own initialisation, which the seed and
+    the config decide)."""
+    return {"preset": args.preset, "modalities": args.modalities, "seed": args.seed,
+            "encoders": {k: v if v is None or not os.path.exists(v) else os.path.abspath(v)
+                         for k, v in sources.items()}}
+
+
+def check_resume(path, resumed, args):
+    """Refuse to resume from something that is not this script's training state, or past its
+    end."""
+    if "optimizer" not in resumed or "run" not in resumed:
+        raise data.DataError(f"--resume {path}: not a training state written by train_caption.py "
+                             f"(best.pth holds the model only): resume from its last.pth")
+    if resumed["step"] >= args.max_steps:
+        raise data.DataError(f"--resume {path}: the checkpoint is at step {resumed['step']} and --max-steps "
+                             f"is {args.max_steps}: nothing left to train (raise --max-steps)")
+
+
+def check_same_run(path, resumed, args, cfg, sources):
+    """Refuse to resume into a run that differs from the one that wrote the checkpoint (other
+    modalities, seed, encoders or model): it would silently train something else."""
+    ours, theirs = run_identity(args, sources), resumed["run"]
+    differ = [f"{k} {ours[k]} (checkpoint: {theirs.get(k)})" for k in ours if ours[k] != theirs.get(k)]
+    differ += [f"model config '{k}'" for k, v in asdict(cfg).items() if resumed["config"].get(k) != v]
+    if differ:
+        raise data.DataError(f"--resume {path}: this run differs from the one that wrote it: {'; '.join(differ)}")
 
 
 def main(argv=None):
@@ -265,6 +302,8 @@ def main(argv=None):
     records = {split: data.load_annotations(path, args.caption_field) for split, path in anns.items()}
     train_records = data.caption_pairs(records["train"], args.caption_field)
     resumed = T.load_checkpoint(args.resume) if args.resume else None
+    if resumed is not None:
+        check_resume(args.resume, resumed, args)
     tokenizer = build_tokenizer(args, train_records, args.out_dir, resumed)
     cfg = tokenizer.configure(M.PRESETS[args.preset]())
     cfg.frozen_patch_dropout = args.frozen_patch_dropout
@@ -272,9 +311,11 @@ def main(argv=None):
              + "\n".join(T.describe_recipe(args, RECIPE, args.recipe_given, args.recipe_reasons)))
     T.print0(f"caption field: '{args.caption_field}' ({why})\n{metrics_note}")
 
-    net = M.UniQ4Cap(cfg)
     encoders = encoder_files(args)
     given = dict(encoders)  # what load_pretrained reads: files, folders or Hugging Face names
+    if resumed is not None:
+        check_same_run(args.resume, resumed, args, cfg, given)
+    net = M.UniQ4Cap(cfg)
     for name, enc in (("video", net.video_encoder), ("audio", net.audio_encoder)):
         if not encoders[name]:
             # no stage-1 output: keep this run's own initialisation, saved so sample.py
@@ -355,11 +396,12 @@ def main(argv=None):
                 bar.write(f"step {step} val: " + fmt(scores))
                 if best is None or scores["CIDEr"] > best["CIDEr"]:
                     best = {"CIDEr": scores["CIDEr"], "step": step}
-                    save_model(os.path.join(args.out_dir, "best.pth"), net, tokenizer, encoders, step, scores)
+                    T.save_checkpoint(os.path.join(args.out_dir, "best.pth"),
+                                      {**model_state(net, tokenizer, encoders, args.out_dir), "step": step,
+                                       "metrics": scores})
             T.save_checkpoint(os.path.join(args.out_dir, "last.pth"), {
-                "model": M.stage2_state_dict(net), "optimizer": optimizer.state_dict(), "step": step,
-                "data": dict(position), "rng": rng, "best": best, "config": asdict(cfg),
-                "tokenizer": tokenizer.tok.to_str()})
+                **model_state(net, tokenizer, encoders, args.out_dir), "optimizer": optimizer.state_dict(),
+                "step": step, "data": dict(position), "rng": rng, "best": best, "run": run_identity(args, given)})
         if ddp:
             torch.distributed.barrier()
 

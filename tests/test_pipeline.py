@@ -94,6 +94,41 @@ def trained(clips, tmp_path_factory):
     return out, os.path.join(out, "best.pth")
 
 
+def test_a_moved_output_folder_still_captions_from_anywhere(clips, trained, tmp_path):
+    """best.pth names the encoder files it wrote beside itself by their names alone, so the
+    folder can be moved and sample.py run from another directory."""
+    out, _ = trained
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    stored = torch.load(moved / "best.pth", weights_only=True)["encoders"]
+    assert stored == {"video": "video.pth", "audio": "audio.pth"}
+
+    def caption():
+        return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--video",
+                               os.path.join(clips, "test_00028.mp4"), "--ckpt", str(moved / "best.pth"),
+                               "--max-length", "8"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    r = caption()
+    assert r.returncode == 0, r.stderr
+    (moved / "audio.pth").write_bytes(b"damaged")  # proof that the moved copy is the one read
+    r = caption()
+    assert r.returncode == 2 and str(moved / "audio.pth") in r.stderr
+
+
+@pytest.mark.parametrize("name, extra, says", [
+    ("best.pth", [], "resume from its last.pth"),
+    ("last.pth", ["--max-steps", "3"], "nothing left to train"),
+    ("last.pth", ["--seed", "7"], "seed 7 (checkpoint: 42)"),
+    ("last.pth", ["--modalities", "video"], "modalities video (checkpoint: video+audio)"),
+])
+def test_resume_refuses_what_would_train_something_else(clips, trained, tmp_path, capsys, name, extra, says):
+    out, _ = trained  # 3 steps, --max-steps 3, seed 42, video+audio, its own encoder initialisation
+    argv = common(clips, str(tmp_path / "again"), 5) + ["--no-cache-features", "--align-dir", str(tmp_path / "none"),
+                                                        "--resume", os.path.join(out, name), *extra]
+    code, err = run_script(train_caption.main, argv, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert says in err.strip().splitlines()[-1]
+
+
 def test_train_save_and_caption_a_video(clips, trained, tmp_path):
     out, ckpt = trained
     assert os.path.exists(ckpt) and os.path.exists(os.path.join(out, "metrics.json"))
