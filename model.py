@@ -874,6 +874,7 @@ def _filter_top_k_top_p(logits, top_k=0, top_p=1.0):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
         drop = cum - F.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token
+        drop[:, 0] = False  # the most likely token has no mass before it: with top_p 0 it would go too
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
 

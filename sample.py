@@ -42,10 +42,13 @@ def get_args(argv=None):
     p.add_argument("--audio-encoder", default=None, help="audio encoder file (overrides the checkpoint's)")
     p.add_argument("--bert", default=None, help="folder with bert-base-cased's vocab.txt (authors' checkpoints)")
     T.add_decoding_args(p)
-    p.add_argument("--num-captions", type=int, default=1, help="captions per video")
+    p.add_argument("--num-captions", type=int, default=1,
+                   help="captions per video (with --decode beam at most --num-beams; greedy gives one)")
     p.add_argument("--seed", type=int, default=0, help="seed for --decode sample")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    T.check_decoding_args(p, args)
+    return args
 
 
 def load_captioner(args):

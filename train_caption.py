@@ -121,6 +121,7 @@ def get_args(argv=None):
     T.add_common_args(p, **{k: v for k, v in RECIPE.items() if k not in ("modality_dropout", "cache_features",
                                                                         "frozen_patch_dropout")})
     args = p.parse_args(argv)
+    T.check_decoding_args(p, args)
     args.recipe_given = [d for d in RECIPE if getattr(args, d) is not None]
     args.recipe_reasons = dict(TINY_REASONS) if args.preset == "tiny" else {}
     # a feature cache holds one view of each clip, which patch dropout would change at every

@@ -155,6 +155,42 @@ def test_max_length_counts_the_dec_token_as_the_original():
     assert out.shape[1] == 10 and out[0, 9] == sep and not (out[0, :9] == sep).any()
 
 
+BAD_DECODING = {  # case: (flags, the error, also train_caption's)
+    "--num-beams 0": (["--num-beams", "0"], "--num-beams must be at least 1", True),
+    "--top-p 0": (["--decode", "sample", "--top-p", "0"], "--top-p must be in (0, 1]", True),
+    "--top-p 1.5": (["--top-p", "1.5"], "--top-p must be in (0, 1]", True),
+    "--top-k -1": (["--top-k", "-1"], "--top-k must be 0 (off) or more", True),
+    "--max-length 0": (["--max-length", "0"], "--max-length must be at least 2", True),
+    "--min-length above --max-length": (["--min-length", "40", "--max-length", "30"],
+                                        "--min-length must be between 1 and --max-length", True),
+    "no captions": (["--num-captions", "0", "--decode", "sample"], "--num-captions must be at least 1", False),
+    "more captions than beams": (["--num-captions", "3", "--decode", "beam", "--num-beams", "2"],
+                                 "--num-captions 3 needs at least as many beams", False),
+    "several greedy captions": (["--num-captions", "3"], "identical captions: use --decode beam or --decode sample",
+                                False),
+}
+
+
+@pytest.mark.parametrize("script,case", [(s, c) for c, (_, _, both) in BAD_DECODING.items()
+                                         for s in ([sample, train_caption] if both else [sample])],
+                         ids=lambda x: getattr(x, "__name__", x))
+def test_bad_decoding_flags_end_with_one_error_line_and_exit_code_2(script, case, capsys):
+    """Checked in one place, training.check_decoding_args, for both scripts, before any file is read."""
+    argv, message, _ = BAD_DECODING[case]
+    with pytest.raises(SystemExit) as e:
+        script.get_args((["--video", "clip.mp4"] if script is sample else []) + argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert e.value.code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err
+
+
+def test_good_decoding_flags_pass_the_check():
+    args = sample.get_args(["--video", "clip.mp4", "--decode", "beam", "--num-beams", "3", "--num-captions", "3",
+                            "--top-p", "1", "--top-k", "0", "--min-length", "2", "--max-length", "2"])
+    assert args.num_captions == 3 and args.max_length == 2
+    assert sample.get_args(["--video", "clip.mp4", "--decode", "sample", "--num-captions", "5"]).num_captions == 5
+
+
 def test_full_preset_defaults_to_the_papers_recipe_and_tiny_keeps_its_own(capsys):
     full = train_caption.get_args(["--preset", "full"])
     assert (full.lr, full.warmup_lr, full.warmup_steps, full.min_lr, full.weight_decay) == (2e-4, 2e-6, 5000, 2e-5, 0.05)
