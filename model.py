@@ -1309,10 +1309,12 @@ URLS = {"blip2": "https://storage.googleapis.com/sfr-vision-language-research/LA
 
 
 def _is_repo_id(name):
-    """`org/name` and nothing else: a mistyped local path like `out/align/video.pth` or
-    `/data/bert` is reported as missing, not looked up on the Hub."""
-    return (re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
-            and not name.endswith((".pth", ".pt", ".bin", ".safetensors")))
+    """`org/name`, or a bare legacy name such as `bert-base-cased` (the Hub still resolves
+    those). Asked only of names that are no local path; a mistyped one like
+    `out/align/video.pth`, `/data/bert` or `video.pth` (a path separator beyond org/name, or
+    a file name's ending) is reported as missing, not looked up on the Hub."""
+    return (re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+            and not name.lower().endswith((".pth", ".pt", ".bin", ".safetensors", ".json", ".txt")))
 
 
 def _hf_file(repo, filenames):
@@ -1358,8 +1360,7 @@ def _url_file(url):
 
 
 def _not_found(name):
-    return FileNotFoundError(f"{name}: no such file or folder, and not a URL, a known name "
-                             f"({', '.join(URLS)}) or a Hugging Face repo id (org/name)")
+    return FileNotFoundError(f"{name}: no such file or folder, and not a URL or a Hugging Face repo id")
 
 
 def weights_file(name):
@@ -1368,7 +1369,8 @@ def weights_file(name):
       - a folder: its model.safetensors, else its pytorch_model.bin (an HF model folder);
       - a URL (http, https, file) or a name in URLS (`blip2`): torch.hub's cached copy;
       - a Hugging Face repo id (`LanguageBind/LanguageBind_Video_FT`,
-        `google-bert/bert-base-cased`): model.safetensors, else pytorch_model.bin, through
+        `google-bert/bert-base-cased`, or a legacy bare name such as `bert-base-cased`)
+        that is no local path and no file name: model.safetensors, else pytorch_model.bin, through
         huggingface_hub's cache (only that file is fetched).
     huggingface_hub is imported only for a repo id. Anything else is a FileNotFoundError
     with one line saying what `name` is not."""

@@ -40,7 +40,8 @@ def get_args(argv=None):
                    help="model size, for checkpoints that carry no config (the authors')")
     p.add_argument("--video-encoder", default=None, help="video encoder file (overrides the checkpoint's)")
     p.add_argument("--audio-encoder", default=None, help="audio encoder file (overrides the checkpoint's)")
-    p.add_argument("--bert", default=None, help="folder with bert-base-cased's vocab.txt (authors' checkpoints)")
+    p.add_argument("--bert", default=None, help="bert-base-cased's vocabulary, for the authors' checkpoints: a folder with vocab.txt "
+                        "or a repo id (google-bert/bert-base-cased, or the legacy bert-base-cased)")
     T.add_decoding_args(p)
     p.add_argument("--num-captions", type=int, default=1,
                    help="captions per video (with --decode beam at most --num-beams; greedy gives one)")

@@ -406,6 +406,26 @@ def test_unresolvable_name_is_one_clear_line(hub):
         M.Tokenizer.from_bert("LanguageBind/LanguageBind_Video_FT")
 
 
+def test_a_bare_legacy_name_resolves_but_a_file_name_is_not_looked_up(hub):
+    """`--bert bert-base-cased`, the unqualified name the Hub still resolves, loads like
+    google-bert/bert-base-cased; a name that looks like a file or a path is reported missing."""
+    snapshot = M.bert_folder("google-bert/bert-base-cased")
+    official.hf_cache(hub["cache"], "bert-base-cased", {
+        f: open(os.path.join(snapshot, f), "rb").read() for f in ("model.safetensors", "vocab.txt", "tokenizer_config.json")})
+    model = M.UniQ4Cap(hub["cfg"])
+    M.load_pretrained(model, bert="bert-base-cased")
+    assert torch.equal(model.Qformer.bert.encoder.layer[0].output.dense.weight,
+                       hub["files"]["bert"]["bert.encoder.layer.0.output.dense.weight"])
+    assert M.Tokenizer.from_bert("bert-base-cased").vocab_size == hub["cfg"].qformer.vocab_size
+    with pytest.raises(FileNotFoundError, match=r"bert-base-uncased: .*HF_HUB_OFFLINE is set"):
+        M.weights_file("bert-base-uncased")  # looked up, and not in the cache
+    for name in ("video.pth", "vocab.txt", "bert-base-cased.bin", "out/caption/bert"):
+        for resolve in (M.weights_file, M.bert_folder):
+            with pytest.raises(FileNotFoundError) as e:
+                resolve(name)
+            assert str(e.value) == f"{name}: no such file or folder, and not a URL or a Hugging Face repo id"
+
+
 def test_blip2_url_goes_through_torch_hubs_cache(cfg, tmp_path, monkeypatch):
     """A file:// URL is downloaded once into <TORCH_HOME>/hub/checkpoints; the short name
     `blip2` then finds BLIP-2's file there without any download."""
