@@ -368,6 +368,20 @@ class UnreadableClips(DataError, RuntimeError):
 AUTHORS_CAPTION_FIELD = "sound_mplug"  # the audio-visual caption the authors trained on
 
 
+def _refuse_one_object(path, text):
+    """A file that is one JSON object without an `id` is a wrapper (MSR-VTT's {"videos",
+    "sentences"}, say), not records: say what the file must hold. (A one-line JSON Lines
+    file is one object too, but a record, with its `id`.)"""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:  # JSON Lines (more than one value), or not JSON
+        return
+    if isinstance(whole, dict) and "id" not in whole:
+        raise DataError(f"{path}: one JSON object (fields: {', '.join(map(str, whole)) or 'none'}), but the file "
+                        f"must hold a list of records, each with 'id' and a caption field (or JSON Lines, "
+                        f"one record per line)")
+
+
 def load_annotations(path, caption_field="caption"):
     """The authors' format: a JSON list of records, each with an `id` (the media file's stem)
     and caption fields; JSON Lines also accepted. A caption field holds one caption or a list
@@ -380,8 +394,11 @@ def load_annotations(path, caption_field="caption"):
     with open(path) as f:
         text = f.read()
     try:
-        records = json.loads(text) if text.lstrip().startswith("[") else \
-            [json.loads(line) for line in text.splitlines() if line.strip()]
+        if text.lstrip().startswith("["):
+            records = json.loads(text)
+        else:
+            _refuse_one_object(path, text)
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not JSON or JSON Lines ({e.msg} at line {e.lineno})") from None
     if not isinstance(records, list) or not records:
@@ -389,8 +406,9 @@ def load_annotations(path, caption_field="caption"):
     for i, r in enumerate(records):
         if not isinstance(r, dict):
             raise DataError(f"{path}: record {i} is not an object")
-        if "id" not in r or (caption_field is not None and caption_field not in r):
-            raise DataError(f"{path}: record {i} lacks 'id' or '{caption_field}'; "
+        missing = [f for f in ("id", caption_field) if f is not None and f not in r]
+        if missing:
+            raise DataError(f"{path}: record {i} lacks {' and '.join(repr(f) for f in missing)}; "
                             f"its fields: {', '.join(map(str, r)) or 'none'}")
         if caption_field is not None:
             c = r[caption_field]

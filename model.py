@@ -1162,6 +1162,10 @@ def load_any_encoder(encoder: VisionTransformer, name):
     read once. `name` as for `weights_file`."""
     path = weights_file(name)
     sd = read_state_dict(path)
+    if isinstance(sd.get("model"), dict):  # a whole state dict nested in a checkpoint
+        raise CheckpointError(f"{path}: a training or stage-2 checkpoint (its weights under 'model'), not an "
+                              f"encoder's weights: give the encoder file (LanguageBind's, or train_align.py's "
+                              f"video.pth / audio.pth)")
     if any(k.startswith("vision_model.") for k in sd):
         return map_languagebind(encoder, sd, path)
     return map_encoder(encoder, sd, path)

@@ -66,8 +66,8 @@ def load_captioner(args):
         encoders = dict(ckpt.get("encoders") or {})
     else:
         if not (args.preset and args.bert):
-            raise M.CheckpointError(f"{args.ckpt} carries no tokenizer (the authors' checkpoint_N.pth, or a "
-                                    f"resumable last.pth): give --preset and --bert")
+            raise M.CheckpointError(f"{args.ckpt} carries no tokenizer, as the authors' checkpoint_N.pth: give "
+                                    f"--preset and --bert (and their encoders: --video-encoder, --audio-encoder)")
         tokenizer = M.Tokenizer.from_bert(args.bert)
         cfg = tokenizer.configure(M.PRESETS[args.preset]())
         encoders = {}
@@ -75,7 +75,8 @@ def load_captioner(args):
     encoders["audio"] = args.audio_encoder or encoders.get("audio")
     missing = [k for k, v in encoders.items() if not v]
     if missing:
-        raise M.CheckpointError(f"no weights for the {' and '.join(missing)} encoder: give --{missing[0]}-encoder")
+        raise M.CheckpointError(f"no weights for the {' and '.join(missing)} encoder{'s' * (len(missing) > 1)}: "
+                                f"give {' and '.join(f'--{k}-encoder' for k in missing)}")
     net = M.UniQ4Cap(cfg)
     M.load_pretrained(net, video=encoders["video"], audio=encoders["audio"])
     M.map_stage2(net, ckpt["model"], args.ckpt)  # the file is already read: map it directly

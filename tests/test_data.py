@@ -494,9 +494,23 @@ BAD_CONFIGS = {
     "missing annotation file": (None, FileNotFoundError, "annotation file not found"),
     "invalid JSON": ('[{"id": "a", "caption": "x"},', ValueError, "not JSON"),
     "empty list": ("[]", ValueError, "no records"),
-    "record lacking caption": ('[{"id": "a", "title": "x"}]', ValueError, "record 0 lacks 'id' or 'caption'"),
+    "record lacking caption": ('[{"id": "a", "title": "x"}]', ValueError, "record 0 lacks 'caption'; its fields: id, title"),
+    "record lacking both": ('[{"title": "x"}]', ValueError, "record 0 lacks 'id' and 'caption'; its fields: title"),
+    "one object, not a list": ('{"videos": [], "sentences": []}', ValueError,
+                               "one JSON object (fields: videos, sentences), but the file must hold a list of records"),
+    "a pretty-printed object": ('{\n  "a": 1\n}\n', ValueError, "one JSON object (fields: a), but the file must hold"),
     "num_frames=0": ('[{"id": "a", "caption": "x"}]', ValueError, "num_frames must be >= 1"),
 }
+
+
+def test_json_lines_load_even_with_one_record(tmp_path):
+    """One record on one line is one JSON object too, but a record (it has its id), not a wrapper."""
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"id": "a", "caption": "x"}\n')
+    assert data.load_annotations(str(one)) == [{"id": "a", "caption": "x"}]
+    two = tmp_path / "two.jsonl"
+    two.write_text('{"id": "a", "caption": "x"}\n{"id": "b", "caption": "y"}\n')
+    assert [r["id"] for r in data.load_annotations(str(two))] == ["a", "b"]
 
 
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))

@@ -247,7 +247,9 @@ def write_json(path, obj):
 
 BAD_INPUTS = {
     "bad annotation JSON": ('[{"id": "a", "caption": "x"},', None, "not JSON"),
-    "missing field": ([{"id": "a", "title": "x"}], "caption", "record 0 lacks 'id' or 'caption'; its fields: id, title"),
+    "missing field": ([{"id": "a", "title": "x"}], "caption", "record 0 lacks 'caption'; its fields: id, title"),
+    "one object": ({"a": [{"id": "a", "caption": "x"}]}, None, "one JSON object (fields: a), but the file must hold "
+                                                              "a list of records"),
     "missing data folder": ([{"id": "a", "caption": "x"}], None, "data folder not found"),
 }
 
