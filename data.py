@@ -57,6 +57,19 @@ def _open(path):
         raise MediaError(path, f"cannot open ({type(e).__name__})") from None
 
 
+def not_a_video(container):
+    """Why an opened media file is no video, or None. FFmpeg opens a still picture through an
+    image demuxer (png_pipe, jpeg_pipe, image2, ...) as a one-frame video stream, and a
+    one-frame video is a picture too (its header's frame count, where it has one, says so)."""
+    if not container.streams.video:
+        return "no video stream"
+    if any(n.startswith("image2") or n.endswith("_pipe") for n in container.format.name.split(",")):
+        return "a still image"
+    if container.streams.video[0].frames == 1:
+        return "a single frame"
+    return None
+
+
 def _frame_index(path, container, stream):
     """Presentation times of every video frame and of the key frames, from the packets alone
     (demuxing is cheap, decoding is not). The header's frame count is not trusted."""
@@ -103,8 +116,9 @@ def read_video_frames(path, num_frames):
     seeks there instead of decoding everything in between."""
     container = _open(path)
     try:
-        if not container.streams.video:
-            raise MediaError(path, "no video stream")
+        why = not_a_video(container)
+        if why:
+            raise MediaError(path, why)
         stream = container.streams.video[0]
         # decoder threads pay off on large frames; on small ones starting them costs more
         # than the decoding (16 frames of 64x64: 2.3 ms on one thread, 9.8 ms on "auto")

@@ -12,10 +12,10 @@
 --ckpt defaults to train_caption.py's output (out/caption/best.pth), which carries its config,
 tokenizer and encoder files. The authors' stage-2 checkpoint works too, given their encoders
 and bert-base-cased's vocabulary. A folder is captioned file by file: every file PyAV can
-open with a video stream, whatever its extension (a `<stem>.wav` beside a video is that
-video's soundtrack, not a file to caption); the others are listed on stderr as not videos.
-A video without a soundtrack is captioned from its frames alone (the audio tokens are masked
-out), and the output says so. A named file that cannot be read gives a one-line error naming
+open with a video stream, whatever its extension, except still pictures (a `<stem>.wav`
+beside a video is that video's soundtrack, not a file to caption); the others are listed on
+stderr as not readable as videos. A video without a soundtrack is captioned from its frames
+alone (the audio tokens are masked out), and stderr says so (stdout holds only captions). A named file that cannot be read gives a one-line error naming
 it and a non-zero exit code. Lengths count tokens as HF's generate does, [DEC] included.
 """
 
@@ -84,10 +84,11 @@ def load_captioner(args):
 
 
 def video_stream_problem(path):
-    """None when PyAV opens `path` and finds a video stream in it, else why not."""
+    """None when PyAV opens `path` as a video (data.not_a_video: a video stream, and no
+    still picture), else why not."""
     try:
         with av.open(path) as container:
-            return None if container.streams.video else "no video stream"
+            return data.not_a_video(container)
     except (av.FFmpegError, UnicodeDecodeError, OSError) as e:
         return f"cannot open ({type(e).__name__})"
 
@@ -134,7 +135,7 @@ def main(argv=None):
     args.device = T.setup_device(args.device)
     files, not_videos = list_videos(args.video)
     for path, why in not_videos:
-        print(f"not a video, skipped: {path}: {why}", file=sys.stderr)
+        print(f"skipped, not readable as a video: {path}: {why}", file=sys.stderr)
     if not files:
         print("error: no video files found in " + " ".join(args.video), file=sys.stderr)
         return 2
@@ -155,8 +156,8 @@ def main(argv=None):
         if as_jsonl:
             print(json.dumps({"video": path, "captions": captions, "audio": has_audio}))
         else:
-            if not has_audio:
-                print(f"(no audio track in {path}: captioned from the video alone)")
+            if not has_audio:  # on stderr: stdout holds captions only
+                print(f"(no audio track in {path}: captioned from the video alone)", file=sys.stderr)
             print("\n".join(captions))
     return 1 if failed else 0
 

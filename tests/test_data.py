@@ -304,6 +304,20 @@ def test_audio_only_file_is_skipped_with_reason(tmp_path):
     assert_skipped(tmp_path, path, "no video stream")
 
 
+@pytest.mark.parametrize("name,codec,pix_fmt,fmt,reason", [
+    ("still.png", "png", "rgb24", "image2", "a still image"),  # opened by FFmpeg's png_pipe
+    ("still.jpg", "mjpeg", "yuvj420p", "image2", "a still image"),  # jpeg_pipe
+    ("one.mp4", "libx264", "yuv420p", None, "a single frame")])
+def test_a_still_picture_is_not_a_video(tmp_path, name, codec, pix_fmt, fmt, reason):
+    """FFmpeg opens a picture as a one-frame video stream; it is skipped, not read as a clip."""
+    path = tmp_path / name
+    encode_video(path, marked_frames(1, 32), codec=codec, pix_fmt=pix_fmt, fmt=fmt)
+    with pytest.raises(data.MediaError) as e:
+        data.read_video_frames(str(path), 8)
+    assert e.value.reason == reason
+    assert_skipped(tmp_path, path, reason)
+
+
 @pytest.mark.parametrize("route", ROUTES)
 def test_fewer_frames_than_requested_repeat(tmp_path, route, monkeypatch):
     path = tmp_path / "three.mp4"

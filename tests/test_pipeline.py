@@ -109,7 +109,8 @@ def test_train_save_and_caption_a_video(clips, trained, tmp_path):
     data.write_clip(silent, frames, None)
     r = run_sample("--video", silent, "--ckpt", ckpt, "--max-length", "8")
     assert r.returncode == 0, r.stderr
-    assert "no audio track" in r.stdout
+    assert "no audio track in " + silent in r.stderr  # the note on stderr: stdout holds only the caption
+    assert len(r.stdout.strip().splitlines()) == 1 and "no audio track" not in r.stdout
 
     # an unreadable file: one line naming it, non-zero exit, no traceback
     broken = str(tmp_path / "broken.mp4")
@@ -135,7 +136,37 @@ def test_sample_captions_every_video_in_a_folder_whatever_its_extension(clips, t
     out, err = capsys.readouterr()
     captioned = [os.path.basename(json.loads(line)["video"]) for line in out.strip().splitlines()]
     assert captioned == ["a.mpg", "b.ts", "c.flv", "d.3gp", "e.wmv"]
-    assert "not a video, skipped: " + str(folder / "notes.txt") in err and "e.wav" not in err
+    assert "skipped, not readable as a video: " + str(folder / "notes.txt") in err and "e.wav" not in err
+
+
+def write_still(path, codec, pix_fmt):
+    """A 32x32 picture through FFmpeg's image2 muxer (png, mjpeg: a .png, a .jpg)."""
+    import av
+    with av.open(str(path), "w", format="image2") as out:
+        stream = out.add_stream(codec, rate=1)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, pix_fmt
+        frame = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), dtype=np.uint8), format="rgb24")
+        for packet in [*stream.encode(frame.reformat(format=pix_fmt)), *stream.encode()]:
+            out.mux(packet)
+
+
+def test_sample_skips_still_pictures_and_damaged_files_in_a_folder(clips, trained, tmp_path, capsys):
+    """PyAV opens a picture as a one-frame video: it is reported, not captioned; a damaged
+    video gets the same report, worded for both."""
+    _, ckpt = trained
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(os.path.join(clips, "test_00028.mp4"), folder / "a.mp4")
+    write_still(folder / "still.png", "png", "rgb24")
+    write_still(folder / "photo.jpg", "mjpeg", "yuvj420p")
+    (folder / "broken.mp4").write_bytes(os.urandom(2000))
+    assert sample.main(["--video", str(folder), "--ckpt", ckpt, "--max-length", "8", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert [os.path.basename(json.loads(line)["video"]) for line in out.strip().splitlines()] == ["a.mp4"]
+    skipped = sorted(line for line in err.splitlines() if line.startswith("skipped"))
+    assert len(skipped) == 3 and skipped[0].startswith(f"skipped, not readable as a video: {folder / 'broken.mp4'}: ")
+    assert skipped[1:] == [f"skipped, not readable as a video: {folder / 'photo.jpg'}: a still image",
+                           f"skipped, not readable as a video: {folder / 'still.png'}: a still image"]
 
 
 def test_max_length_counts_the_dec_token_as_the_original():
