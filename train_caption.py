@@ -67,7 +67,7 @@ RECIPE = {
 }
 # why the tiny preset's defaults differ from the paper's (printed at start)
 TINY_REASONS = {
-    "batch_size": "one process instead of the paper's 8 GPUs of 16",
+    "batch_size": "the tiny recipe, per process; the paper: 16 per GPU on 8 GPUs",
     "lr": "the tiny recipe: a few thousand steps, measured in the README's results",
     "warmup_lr": "the tiny recipe: a few thousand steps, measured in the README's results",
     "warmup_steps": "the tiny recipe: a few thousand steps, measured in the README's results",

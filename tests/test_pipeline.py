@@ -234,6 +234,9 @@ def test_full_preset_defaults_to_the_papers_recipe_and_tiny_keeps_its_own(capsys
     lines = T.describe_recipe(tiny, train_caption.RECIPE, tiny.recipe_given, tiny.recipe_reasons)
     assert any("--modality-dropout 0.3" in l and "ignores the frames" in l for l in lines)  # printed with its reason
     assert any("--frozen-patch-dropout off" in l and "one view" in l for l in lines)
+    # true whatever the number of processes (torchrun included): the size is per process
+    assert any(l.startswith("  --batch-size 32  (full: 16;") and "per process" in l and "one process" not in l
+               for l in lines)
     with pytest.raises(SystemExit):
         train_caption.get_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
