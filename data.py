@@ -18,7 +18,7 @@ audio-visual dataset (DESIGN.md section 4).
 import json
 import math
 import os
-import warnings
+import sys
 from collections import Counter
 from dataclasses import dataclass
 
@@ -577,13 +577,17 @@ def collate(batch):
 
 
 class SkipTracker:
-    """Counts what the loader skipped: warns once per file naming it and the reason, reports
-    per-reason counts each epoch, and stops training when too large a fraction is unreadable
-    (after at least `min_items`, so one bad file in the first batch does not stop a run)."""
+    """Counts what the loader skipped: names each file once, with its reason, in one stderr
+    line per batch (at most NAMED_PER_LINE files, then a count: a data set whose files are all
+    missing gives one line per batch, not one per clip), reports per-reason counts each
+    epoch, and stops training when too large a fraction is unreadable (after at least
+    `min_items`, so one bad file in the first batch does not stop a run)."""
+
+    NAMED_PER_LINE = 3
 
     def __init__(self, max_skip_fraction=0.05, min_items=100):
         self.max_skip_fraction, self.min_items = max_skip_fraction, min_items
-        self.warned = set()
+        self.named = set()
         self.reset()
 
     def reset(self):
@@ -592,11 +596,17 @@ class SkipTracker:
     def update(self, batch):
         self.seen += len(batch["ids"]) + len(batch["skipped"])
         self.missing_audio += batch["missing_audio"]
+        new = []
         for path, reason in batch["skipped"]:
             self.reasons[reason] += 1
-            if path not in self.warned:
-                self.warned.add(path)
-                warnings.warn(f"skipping {path}: {reason}", stacklevel=2)
+            if path not in self.named:
+                self.named.add(path)
+                new.append(f"{path} ({reason})")
+        if new:
+            from tqdm import tqdm  # its write keeps the line off a training progress bar
+            more = len(new) - self.NAMED_PER_LINE
+            tqdm.write("skipped " + ", ".join(new[:self.NAMED_PER_LINE])
+                       + (f" and {more} more (counted in the epoch report)" if more > 0 else ""), file=sys.stderr)
         skipped = sum(self.reasons.values())
         if self.seen >= self.min_items and skipped > self.max_skip_fraction * self.seen:
             raise UnreadableClips(f"{skipped} of {self.seen} clips unreadable, above the limit of "

@@ -474,34 +474,38 @@ def batch_of(good=0, skipped=()):
     return data.collate(items)
 
 
-def test_skip_tracker_warns_once_per_file_naming_file_and_reason():
+def skip_lines(capsys):
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("skipped")]
+
+
+def test_skip_tracker_names_each_file_once_in_one_line_per_batch(capsys):
     tracker = data.SkipTracker(max_skip_fraction=1.0)
-    with pytest.warns(UserWarning) as record:
-        tracker.update(batch_of(2, [("x/bad.mp4", "empty file")]))
-        tracker.update(batch_of(2, [("x/bad.mp4", "empty file")]))  # again: no second warning
-        tracker.reset()  # a new epoch: still no second warning for the same file
-        tracker.update(batch_of(2, [("x/bad.mp4", "empty file"), ("x/worse.mp4", "no video stream")]))
-    messages = [str(w.message) for w in record if str(w.message).startswith("skipping")]
-    assert messages == ["skipping x/bad.mp4: empty file", "skipping x/worse.mp4: no video stream"]
+    tracker.update(batch_of(2, [("x/bad.mp4", "empty file")]))
+    tracker.update(batch_of(2, [("x/bad.mp4", "empty file")]))  # again: not named again
+    tracker.reset()  # a new epoch: still not named again
+    tracker.update(batch_of(2, [("x/bad.mp4", "empty file"), ("x/worse.mp4", "no video stream")]))
+    assert skip_lines(capsys) == ["skipped x/bad.mp4 (empty file)", "skipped x/worse.mp4 (no video stream)"]
+    # a batch of missing files: one line, three named, the rest counted
+    tracker.update(batch_of(0, [(f"gone{i}.mp4", "missing file") for i in range(5)]))
+    assert skip_lines(capsys) == ["skipped gone0.mp4 (missing file), gone1.mp4 (missing file), gone2.mp4 "
+                                  "(missing file) and 2 more (counted in the epoch report)"]
 
 
 def test_skip_tracker_reports_counts_per_reason():
     tracker = data.SkipTracker(max_skip_fraction=1.0)
-    with pytest.warns(UserWarning):
-        tracker.update(batch_of(3, [("1.mp4", "empty file"), ("2.mp4", "no video stream")]))
-        tracker.update(batch_of(1, [("3.mp4", "empty file")]))
+    tracker.update(batch_of(3, [("1.mp4", "empty file"), ("2.mp4", "no video stream")]))
+    tracker.update(batch_of(1, [("3.mp4", "empty file")]))
     assert tracker.reasons == {"empty file": 2, "no video stream": 1}
     assert tracker.report() == "7 clips, 3 skipped (empty file: 2, no video stream: 1), 0 without audio"
 
 
 def test_skip_tracker_raises_above_the_max_skip_fraction():
     tracker = data.SkipTracker(max_skip_fraction=0.25, min_items=8)
-    with pytest.warns(UserWarning):
-        tracker.update(batch_of(1, [("1.mp4", "empty file")]))  # 1 of 2, but under min_items
-        tracker.update(batch_of(5, []))  # 1 of 7
-        tracker.update(batch_of(0, [("2.mp4", "empty file")]))  # 2 of 8 = the limit: allowed
-        with pytest.raises(RuntimeError, match=r"3 of 9 clips unreadable, above the limit of 25%"):
-            tracker.update(batch_of(0, [("3.mp4", "empty file")]))
+    tracker.update(batch_of(1, [("1.mp4", "empty file")]))  # 1 of 2, but under min_items
+    tracker.update(batch_of(5, []))  # 1 of 7
+    tracker.update(batch_of(0, [("2.mp4", "empty file")]))  # 2 of 8 = the limit: allowed
+    with pytest.raises(RuntimeError, match=r"3 of 9 clips unreadable, above the limit of 25%"):
+        tracker.update(batch_of(0, [("3.mp4", "empty file")]))
 
 
 BAD_CONFIGS = {
