@@ -18,7 +18,7 @@ audio-visual dataset (DESIGN.md section 4).
 import json
 import math
 import os
-import warnings
+import sys
 from collections import Counter
 from dataclasses import dataclass
 
@@ -55,6 +55,19 @@ def _open(path):
         return av.open(path)
     except (av.FFmpegError, UnicodeDecodeError) as e:
         raise MediaError(path, f"cannot open ({type(e).__name__})") from None
+
+
+def not_a_video(container):
+    """Why an opened media file is no video, or None. FFmpeg opens a still picture through an
+    image demuxer (png_pipe, jpeg_pipe, image2, ...) as a one-frame video stream, and a
+    one-frame video is a picture too (its header's frame count, where it has one, says so)."""
+    if not container.streams.video:
+        return "no video stream"
+    if any(n.startswith("image2") or n.endswith("_pipe") for n in container.format.name.split(",")):
+        return "a still image"
+    if container.streams.video[0].frames == 1:
+        return "a single frame"
+    return None
 
 
 def _frame_index(path, container, stream):
@@ -103,8 +116,9 @@ def read_video_frames(path, num_frames):
     seeks there instead of decoding everything in between."""
     container = _open(path)
     try:
-        if not container.streams.video:
-            raise MediaError(path, "no video stream")
+        why = not_a_video(container)
+        if why:
+            raise MediaError(path, why)
         stream = container.streams.video[0]
         # decoder threads pay off on large frames; on small ones starting them costs more
         # than the decoding (16 frames of 64x64: 2.3 ms on one thread, 9.8 ms on "auto")
@@ -368,6 +382,20 @@ class UnreadableClips(DataError, RuntimeError):
 AUTHORS_CAPTION_FIELD = "sound_mplug"  # the audio-visual caption the authors trained on
 
 
+def _refuse_one_object(path, text):
+    """A file that is one JSON object without an `id` is a wrapper (MSR-VTT's {"videos",
+    "sentences"}, say), not records: say what the file must hold. (A one-line JSON Lines
+    file is one object too, but a record, with its `id`.)"""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:  # JSON Lines (more than one value), or not JSON
+        return
+    if isinstance(whole, dict) and "id" not in whole:
+        raise DataError(f"{path}: one JSON object (fields: {', '.join(map(str, whole)) or 'none'}), but the file "
+                        f"must hold a list of records, each with 'id' and a caption field (or JSON Lines, "
+                        f"one record per line)")
+
+
 def load_annotations(path, caption_field="caption"):
     """The authors' format: a JSON list of records, each with an `id` (the media file's stem)
     and caption fields; JSON Lines also accepted. A caption field holds one caption or a list
@@ -380,8 +408,11 @@ def load_annotations(path, caption_field="caption"):
     with open(path) as f:
         text = f.read()
     try:
-        records = json.loads(text) if text.lstrip().startswith("[") else \
-            [json.loads(line) for line in text.splitlines() if line.strip()]
+        if text.lstrip().startswith("["):
+            records = json.loads(text)
+        else:
+            _refuse_one_object(path, text)
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not JSON or JSON Lines ({e.msg} at line {e.lineno})") from None
     if not isinstance(records, list) or not records:
@@ -389,8 +420,9 @@ def load_annotations(path, caption_field="caption"):
     for i, r in enumerate(records):
         if not isinstance(r, dict):
             raise DataError(f"{path}: record {i} is not an object")
-        if "id" not in r or (caption_field is not None and caption_field not in r):
-            raise DataError(f"{path}: record {i} lacks 'id' or '{caption_field}'; "
+        missing = [f for f in ("id", caption_field) if f is not None and f not in r]
+        if missing:
+            raise DataError(f"{path}: record {i} lacks {' and '.join(repr(f) for f in missing)}; "
                             f"its fields: {', '.join(map(str, r)) or 'none'}")
         if caption_field is not None:
             c = r[caption_field]
@@ -545,13 +577,17 @@ def collate(batch):
 
 
 class SkipTracker:
-    """Counts what the loader skipped: warns once per file naming it and the reason, reports
-    per-reason counts each epoch, and stops training when too large a fraction is unreadable
-    (after at least `min_items`, so one bad file in the first batch does not stop a run)."""
+    """Counts what the loader skipped: names each file once, with its reason, in one stderr
+    line per batch (at most NAMED_PER_LINE files, then a count: a data set whose files are all
+    missing gives one line per batch, not one per clip), reports per-reason counts each
+    epoch, and stops training when too large a fraction is unreadable (after at least
+    `min_items`, so one bad file in the first batch does not stop a run)."""
+
+    NAMED_PER_LINE = 3
 
     def __init__(self, max_skip_fraction=0.05, min_items=100):
         self.max_skip_fraction, self.min_items = max_skip_fraction, min_items
-        self.warned = set()
+        self.named = set()
         self.reset()
 
     def reset(self):
@@ -560,11 +596,17 @@ class SkipTracker:
     def update(self, batch):
         self.seen += len(batch["ids"]) + len(batch["skipped"])
         self.missing_audio += batch["missing_audio"]
+        new = []
         for path, reason in batch["skipped"]:
             self.reasons[reason] += 1
-            if path not in self.warned:
-                self.warned.add(path)
-                warnings.warn(f"skipping {path}: {reason}", stacklevel=2)
+            if path not in self.named:
+                self.named.add(path)
+                new.append(f"{path} ({reason})")
+        if new:
+            from tqdm import tqdm  # its write keeps the line off a training progress bar
+            more = len(new) - self.NAMED_PER_LINE
+            tqdm.write("skipped " + ", ".join(new[:self.NAMED_PER_LINE])
+                       + (f" and {more} more (counted in the epoch report)" if more > 0 else ""), file=sys.stderr)
         skipped = sum(self.reasons.values())
         if self.seen >= self.min_items and skipped > self.max_skip_fraction * self.seen:
             raise UnreadableClips(f"{skipped} of {self.seen} clips unreadable, above the limit of "

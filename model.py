@@ -874,6 +874,7 @@ def _filter_top_k_top_p(logits, top_k=0, top_p=1.0):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
         drop = cum - F.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token
+        drop[:, 0] = False  # the most likely token has no mass before it: with top_p 0 it would go too
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
 
@@ -1161,6 +1162,10 @@ def load_any_encoder(encoder: VisionTransformer, name):
     read once. `name` as for `weights_file`."""
     path = weights_file(name)
     sd = read_state_dict(path)
+    if isinstance(sd.get("model"), dict):  # a whole state dict nested in a checkpoint
+        raise CheckpointError(f"{path}: a training or stage-2 checkpoint (its weights under 'model'), not an "
+                              f"encoder's weights: give the encoder file (LanguageBind's, or train_align.py's "
+                              f"video.pth / audio.pth)")
     if any(k.startswith("vision_model.") for k in sd):
         return map_languagebind(encoder, sd, path)
     return map_encoder(encoder, sd, path)
@@ -1308,10 +1313,12 @@ URLS = {"blip2": "https://storage.googleapis.com/sfr-vision-language-research/LA
 
 
 def _is_repo_id(name):
-    """`org/name` and nothing else: a mistyped local path like `out/align/video.pth` or
-    `/data/bert` is reported as missing, not looked up on the Hub."""
-    return (re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
-            and not name.endswith((".pth", ".pt", ".bin", ".safetensors")))
+    """`org/name`, or a bare legacy name such as `bert-base-cased` (the Hub still resolves
+    those). Asked only of names that are no local path; a mistyped one like
+    `out/align/video.pth`, `/data/bert` or `video.pth` (a path separator beyond org/name, or
+    a file name's ending) is reported as missing, not looked up on the Hub."""
+    return (re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+            and not name.lower().endswith((".pth", ".pt", ".bin", ".safetensors", ".json", ".txt")))
 
 
 def _hf_file(repo, filenames):
@@ -1357,8 +1364,7 @@ def _url_file(url):
 
 
 def _not_found(name):
-    return FileNotFoundError(f"{name}: no such file or folder, and not a URL, a known name "
-                             f"({', '.join(URLS)}) or a Hugging Face repo id (org/name)")
+    return FileNotFoundError(f"{name}: no such file or folder, and not a URL or a Hugging Face repo id")
 
 
 def weights_file(name):
@@ -1367,7 +1373,8 @@ def weights_file(name):
       - a folder: its model.safetensors, else its pytorch_model.bin (an HF model folder);
       - a URL (http, https, file) or a name in URLS (`blip2`): torch.hub's cached copy;
       - a Hugging Face repo id (`LanguageBind/LanguageBind_Video_FT`,
-        `google-bert/bert-base-cased`): model.safetensors, else pytorch_model.bin, through
+        `google-bert/bert-base-cased`, or a legacy bare name such as `bert-base-cased`)
+        that is no local path and no file name: model.safetensors, else pytorch_model.bin, through
         huggingface_hub's cache (only that file is fetched).
     huggingface_hub is imported only for a repo id. Anything else is a FileNotFoundError
     with one line saying what `name` is not."""

@@ -12,10 +12,10 @@
 --ckpt defaults to train_caption.py's output (out/caption/best.pth), which carries its config,
 tokenizer and encoder files. The authors' stage-2 checkpoint works too, given their encoders
 and bert-base-cased's vocabulary. A folder is captioned file by file: every file PyAV can
-open with a video stream, whatever its extension (a `<stem>.wav` beside a video is that
-video's soundtrack, not a file to caption); the others are listed on stderr as not videos.
-A video without a soundtrack is captioned from its frames alone (the audio tokens are masked
-out), and the output says so. A named file that cannot be read gives a one-line error naming
+open with a video stream, whatever its extension, except still pictures (a `<stem>.wav`
+beside a video is that video's soundtrack, not a file to caption); the others are listed on
+stderr as not readable as videos. A video without a soundtrack is captioned from its frames
+alone (the audio tokens are masked out), and stderr says so (stdout holds only captions). A named file that cannot be read gives a one-line error naming
 it and a non-zero exit code. Lengths count tokens as HF's generate does, [DEC] included.
 """
 
@@ -40,12 +40,16 @@ def get_args(argv=None):
                    help="model size, for checkpoints that carry no config (the authors')")
     p.add_argument("--video-encoder", default=None, help="video encoder file (overrides the checkpoint's)")
     p.add_argument("--audio-encoder", default=None, help="audio encoder file (overrides the checkpoint's)")
-    p.add_argument("--bert", default=None, help="folder with bert-base-cased's vocab.txt (authors' checkpoints)")
+    p.add_argument("--bert", default=None, help="bert-base-cased's vocabulary, for the authors' checkpoints: a folder with vocab.txt "
+                        "or a repo id (google-bert/bert-base-cased, or the legacy bert-base-cased)")
     T.add_decoding_args(p)
-    p.add_argument("--num-captions", type=int, default=1, help="captions per video")
+    p.add_argument("--num-captions", type=int, default=1,
+                   help="captions per video (with --decode beam at most --num-beams; greedy gives one)")
     p.add_argument("--seed", type=int, default=0, help="seed for --decode sample")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    T.check_decoding_args(p, args)
+    return args
 
 
 def encoder_path(name, ckpt):
@@ -70,8 +74,8 @@ def load_captioner(args):
         encoders = {k: encoder_path(v, args.ckpt) for k, v in (ckpt.get("encoders") or {}).items()}
     else:
         if not (args.preset and args.bert):
-            raise M.CheckpointError(f"{args.ckpt} carries no tokenizer (the authors' checkpoint_N.pth, or a "
-                                    f"resumable last.pth): give --preset and --bert")
+            raise M.CheckpointError(f"{args.ckpt} carries no tokenizer, as the authors' checkpoint_N.pth: give "
+                                    f"--preset and --bert (and their encoders: --video-encoder, --audio-encoder)")
         tokenizer = M.Tokenizer.from_bert(args.bert)
         cfg = tokenizer.configure(M.PRESETS[args.preset]())
         encoders = {}
@@ -79,7 +83,8 @@ def load_captioner(args):
     encoders["audio"] = args.audio_encoder or encoders.get("audio")
     missing = [k for k, v in encoders.items() if not v]
     if missing:
-        raise M.CheckpointError(f"no weights for the {' and '.join(missing)} encoder: give --{missing[0]}-encoder")
+        raise M.CheckpointError(f"no weights for the {' and '.join(missing)} encoder{'s' * (len(missing) > 1)}: "
+                                f"give {' and '.join(f'--{k}-encoder' for k in missing)}")
     net = M.UniQ4Cap(cfg)
     M.load_pretrained(net, video=encoders["video"], audio=encoders["audio"])
     M.map_stage2(net, ckpt["model"], args.ckpt)  # the file is already read: map it directly
@@ -87,10 +92,11 @@ def load_captioner(args):
 
 
 def video_stream_problem(path):
-    """None when PyAV opens `path` and finds a video stream in it, else why not."""
+    """None when PyAV opens `path` as a video (data.not_a_video: a video stream, and no
+    still picture), else why not."""
     try:
         with av.open(path) as container:
-            return None if container.streams.video else "no video stream"
+            return data.not_a_video(container)
     except (av.FFmpegError, UnicodeDecodeError, OSError) as e:
         return f"cannot open ({type(e).__name__})"
 
@@ -137,7 +143,7 @@ def main(argv=None):
     args.device = T.setup_device(args.device)
     files, not_videos = list_videos(args.video)
     for path, why in not_videos:
-        print(f"not a video, skipped: {path}: {why}", file=sys.stderr)
+        print(f"skipped, not readable as a video: {path}: {why}", file=sys.stderr)
     if not files:
         print("error: no video files found in " + " ".join(args.video), file=sys.stderr)
         return 2
@@ -158,8 +164,8 @@ def main(argv=None):
         if as_jsonl:
             print(json.dumps({"video": path, "captions": captions, "audio": has_audio}))
         else:
-            if not has_audio:
-                print(f"(no audio track in {path}: captioned from the video alone)")
+            if not has_audio:  # on stderr: stdout holds captions only
+                print(f"(no audio track in {path}: captioned from the video alone)", file=sys.stderr)
             print("\n".join(captions))
     return 1 if failed else 0
 

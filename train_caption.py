@@ -67,7 +67,7 @@ RECIPE = {
 }
 # why the tiny preset's defaults differ from the paper's (printed at start)
 TINY_REASONS = {
-    "batch_size": "one process instead of the paper's 8 GPUs of 16",
+    "batch_size": "the tiny recipe, per process; the paper: 16 per GPU on 8 GPUs",
     "lr": "the tiny recipe: a few thousand steps, measured in the README's results",
     "warmup_lr": "the tiny recipe: a few thousand steps, measured in the README's results",
     "warmup_steps": "the tiny recipe: a few thousand steps, measured in the README's results",
@@ -121,6 +121,7 @@ def get_args(argv=None):
     T.add_common_args(p, **{k: v for k, v in RECIPE.items() if k not in ("modality_dropout", "cache_features",
                                                                         "frozen_patch_dropout")})
     args = p.parse_args(argv)
+    T.check_decoding_args(p, args)
     args.recipe_given = [d for d in RECIPE if getattr(args, d) is not None]
     args.recipe_reasons = dict(TINY_REASONS) if args.preset == "tiny" else {}
     # a feature cache holds one view of each clip, which patch dropout would change at every

@@ -117,7 +117,8 @@ def describe_recipe(args, recipe, given, reasons, reference="full"):
 def add_decoding_args(p):
     """The decoding flags of sample.py and of train_caption.py's evaluation (model.generate).
     Lengths count tokens as HF's generate does, the [DEC] start token included. The original's
-    evaluation decoding is --decode sample --top-p 0.9 --top-k 50 --min-length 10 --max-length 30."""
+    evaluation decoding is --decode sample --top-p 0.9 --top-k 50 --min-length 10 --max-length 30.
+    check_decoding_args validates them once parsed."""
     p.add_argument("--decode", default="greedy", choices=["greedy", "beam", "sample"], help="decoding method")
     p.add_argument("--num-beams", type=int, default=5, help="beams for --decode beam")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass for --decode sample")
@@ -130,6 +131,28 @@ def add_decoding_args(p):
                         "tokens, [SEP] among them (the original: 30)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats")
     return p
+
+
+def check_decoding_args(p, args):
+    """End with parser `p`'s one-line error (exit code 2) on decoding flags that model.generate
+    would reject with a traceback or follow into nonsense. Also checks sample.py's
+    --num-captions when `args` has it: beam search returns its best num_beams captions at most,
+    and greedy decoding gives the same caption every time."""
+    problems = [("--num-beams must be at least 1", args.num_beams < 1),
+                ("--top-p must be in (0, 1]", not 0 < args.top_p <= 1),
+                ("--top-k must be 0 (off) or more", args.top_k < 0),
+                ("--max-length must be at least 2 (it counts the [DEC] token)", args.max_length < 2),
+                ("--min-length must be between 1 and --max-length", not 1 <= args.min_length <= args.max_length),
+                ("--repetition-penalty must be above 0", args.repetition_penalty <= 0)]
+    n = getattr(args, "num_captions", 1)
+    problems += [("--num-captions must be at least 1", n < 1),
+                 (f"--num-captions {n} needs at least as many beams (--num-beams {args.num_beams})",
+                  args.decode == "beam" and n > args.num_beams),
+                 (f"--num-captions {n} with greedy decoding gives {n} identical captions: "
+                  f"use --decode beam or --decode sample", args.decode == "greedy" and n > 1)]
+    for message, bad in problems:
+        if bad:
+            p.error(message)
 
 
 def decoding_kwargs(args):

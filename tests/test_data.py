@@ -304,6 +304,20 @@ def test_audio_only_file_is_skipped_with_reason(tmp_path):
     assert_skipped(tmp_path, path, "no video stream")
 
 
+@pytest.mark.parametrize("name,codec,pix_fmt,fmt,reason", [
+    ("still.png", "png", "rgb24", "image2", "a still image"),  # opened by FFmpeg's png_pipe
+    ("still.jpg", "mjpeg", "yuvj420p", "image2", "a still image"),  # jpeg_pipe
+    ("one.mp4", "libx264", "yuv420p", None, "a single frame")])
+def test_a_still_picture_is_not_a_video(tmp_path, name, codec, pix_fmt, fmt, reason):
+    """FFmpeg opens a picture as a one-frame video stream; it is skipped, not read as a clip."""
+    path = tmp_path / name
+    encode_video(path, marked_frames(1, 32), codec=codec, pix_fmt=pix_fmt, fmt=fmt)
+    with pytest.raises(data.MediaError) as e:
+        data.read_video_frames(str(path), 8)
+    assert e.value.reason == reason
+    assert_skipped(tmp_path, path, reason)
+
+
 @pytest.mark.parametrize("route", ROUTES)
 def test_fewer_frames_than_requested_repeat(tmp_path, route, monkeypatch):
     path = tmp_path / "three.mp4"
@@ -460,43 +474,61 @@ def batch_of(good=0, skipped=()):
     return data.collate(items)
 
 
-def test_skip_tracker_warns_once_per_file_naming_file_and_reason():
+def skip_lines(capsys):
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("skipped")]
+
+
+def test_skip_tracker_names_each_file_once_in_one_line_per_batch(capsys):
     tracker = data.SkipTracker(max_skip_fraction=1.0)
-    with pytest.warns(UserWarning) as record:
-        tracker.update(batch_of(2, [("x/bad.mp4", "empty file")]))
-        tracker.update(batch_of(2, [("x/bad.mp4", "empty file")]))  # again: no second warning
-        tracker.reset()  # a new epoch: still no second warning for the same file
-        tracker.update(batch_of(2, [("x/bad.mp4", "empty file"), ("x/worse.mp4", "no video stream")]))
-    messages = [str(w.message) for w in record if str(w.message).startswith("skipping")]
-    assert messages == ["skipping x/bad.mp4: empty file", "skipping x/worse.mp4: no video stream"]
+    tracker.update(batch_of(2, [("x/bad.mp4", "empty file")]))
+    tracker.update(batch_of(2, [("x/bad.mp4", "empty file")]))  # again: not named again
+    tracker.reset()  # a new epoch: still not named again
+    tracker.update(batch_of(2, [("x/bad.mp4", "empty file"), ("x/worse.mp4", "no video stream")]))
+    assert skip_lines(capsys) == ["skipped x/bad.mp4 (empty file)", "skipped x/worse.mp4 (no video stream)"]
+    # a batch of missing files: one line, three named, the rest counted
+    tracker.update(batch_of(0, [(f"gone{i}.mp4", "missing file") for i in range(5)]))
+    assert skip_lines(capsys) == ["skipped gone0.mp4 (missing file), gone1.mp4 (missing file), gone2.mp4 "
+                                  "(missing file) and 2 more (counted in the epoch report)"]
 
 
 def test_skip_tracker_reports_counts_per_reason():
     tracker = data.SkipTracker(max_skip_fraction=1.0)
-    with pytest.warns(UserWarning):
-        tracker.update(batch_of(3, [("1.mp4", "empty file"), ("2.mp4", "no video stream")]))
-        tracker.update(batch_of(1, [("3.mp4", "empty file")]))
+    tracker.update(batch_of(3, [("1.mp4", "empty file"), ("2.mp4", "no video stream")]))
+    tracker.update(batch_of(1, [("3.mp4", "empty file")]))
     assert tracker.reasons == {"empty file": 2, "no video stream": 1}
     assert tracker.report() == "7 clips, 3 skipped (empty file: 2, no video stream: 1), 0 without audio"
 
 
 def test_skip_tracker_raises_above_the_max_skip_fraction():
     tracker = data.SkipTracker(max_skip_fraction=0.25, min_items=8)
-    with pytest.warns(UserWarning):
-        tracker.update(batch_of(1, [("1.mp4", "empty file")]))  # 1 of 2, but under min_items
-        tracker.update(batch_of(5, []))  # 1 of 7
-        tracker.update(batch_of(0, [("2.mp4", "empty file")]))  # 2 of 8 = the limit: allowed
-        with pytest.raises(RuntimeError, match=r"3 of 9 clips unreadable, above the limit of 25%"):
-            tracker.update(batch_of(0, [("3.mp4", "empty file")]))
+    tracker.update(batch_of(1, [("1.mp4", "empty file")]))  # 1 of 2, but under min_items
+    tracker.update(batch_of(5, []))  # 1 of 7
+    tracker.update(batch_of(0, [("2.mp4", "empty file")]))  # 2 of 8 = the limit: allowed
+    with pytest.raises(RuntimeError, match=r"3 of 9 clips unreadable, above the limit of 25%"):
+        tracker.update(batch_of(0, [("3.mp4", "empty file")]))
 
 
 BAD_CONFIGS = {
     "missing annotation file": (None, FileNotFoundError, "annotation file not found"),
     "invalid JSON": ('[{"id": "a", "caption": "x"},', ValueError, "not JSON"),
     "empty list": ("[]", ValueError, "no records"),
-    "record lacking caption": ('[{"id": "a", "title": "x"}]', ValueError, "record 0 lacks 'id' or 'caption'"),
+    "record lacking caption": ('[{"id": "a", "title": "x"}]', ValueError, "record 0 lacks 'caption'; its fields: id, title"),
+    "record lacking both": ('[{"title": "x"}]', ValueError, "record 0 lacks 'id' and 'caption'; its fields: title"),
+    "one object, not a list": ('{"videos": [], "sentences": []}', ValueError,
+                               "one JSON object (fields: videos, sentences), but the file must hold a list of records"),
+    "a pretty-printed object": ('{\n  "a": 1\n}\n', ValueError, "one JSON object (fields: a), but the file must hold"),
     "num_frames=0": ('[{"id": "a", "caption": "x"}]', ValueError, "num_frames must be >= 1"),
 }
+
+
+def test_json_lines_load_even_with_one_record(tmp_path):
+    """One record on one line is one JSON object too, but a record (it has its id), not a wrapper."""
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"id": "a", "caption": "x"}\n')
+    assert data.load_annotations(str(one)) == [{"id": "a", "caption": "x"}]
+    two = tmp_path / "two.jsonl"
+    two.write_text('{"id": "a", "caption": "x"}\n{"id": "b", "caption": "y"}\n')
+    assert [r["id"] for r in data.load_annotations(str(two))] == ["a", "b"]
 
 
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))

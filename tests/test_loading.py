@@ -406,6 +406,49 @@ def test_unresolvable_name_is_one_clear_line(hub):
         M.Tokenizer.from_bert("LanguageBind/LanguageBind_Video_FT")
 
 
+def test_a_bare_legacy_name_resolves_but_a_file_name_is_not_looked_up(hub):
+    """`--bert bert-base-cased`, the unqualified name the Hub still resolves, loads like
+    google-bert/bert-base-cased; a name that looks like a file or a path is reported missing."""
+    snapshot = M.bert_folder("google-bert/bert-base-cased")
+    official.hf_cache(hub["cache"], "bert-base-cased", {
+        f: open(os.path.join(snapshot, f), "rb").read() for f in ("model.safetensors", "vocab.txt", "tokenizer_config.json")})
+    model = M.UniQ4Cap(hub["cfg"])
+    M.load_pretrained(model, bert="bert-base-cased")
+    assert torch.equal(model.Qformer.bert.encoder.layer[0].output.dense.weight,
+                       hub["files"]["bert"]["bert.encoder.layer.0.output.dense.weight"])
+    assert M.Tokenizer.from_bert("bert-base-cased").vocab_size == hub["cfg"].qformer.vocab_size
+    with pytest.raises(FileNotFoundError, match=r"bert-base-uncased: .*HF_HUB_OFFLINE is set"):
+        M.weights_file("bert-base-uncased")  # looked up, and not in the cache
+    for name in ("video.pth", "vocab.txt", "bert-base-cased.bin", "out/caption/bert"):
+        for resolve in (M.weights_file, M.bert_folder):
+            with pytest.raises(FileNotFoundError) as e:
+                resolve(name)
+            assert str(e.value) == f"{name}: no such file or folder, and not a URL or a Hugging Face repo id"
+
+
+def test_sample_names_every_flag_an_authors_checkpoint_needs(hub, tmp_path):
+    """The authors' checkpoint_N.pth carries no tokenizer and no encoder names: the errors
+    name the flags that fill them in, both encoders at once."""
+    import sample
+    torch.save(official.authors_stage2_file(hub["cfg"]), tmp_path / "checkpoint_9.pth")
+    argv = ["--video", "clip.mp4", "--ckpt", str(tmp_path / "checkpoint_9.pth")]
+    with pytest.raises(M.CheckpointError, match=r"carries no tokenizer, as the authors' checkpoint_N.pth: give "
+                                                r"--preset and --bert \(and their encoders: --video-encoder"):
+        sample.load_captioner(sample.get_args(argv))
+    argv += ["--preset", "tiny", "--bert", "google-bert/bert-base-cased"]
+    with pytest.raises(M.CheckpointError) as e:
+        sample.load_captioner(sample.get_args(argv))
+    assert str(e.value) == "no weights for the video and audio encoders: give --video-encoder and --audio-encoder"
+
+
+def test_a_checkpoint_given_as_an_encoder_is_named_as_such(cfg, tmp_path):
+    """`--video-encoder out/caption/best.pth`: a {"model": ...} file, not an encoder's state dict."""
+    torch.save({"model": M.stage2_state_dict(fresh(cfg)), "config": {}}, tmp_path / "best.pth")
+    with pytest.raises(M.CheckpointError, match=r"best.pth: a training or stage-2 checkpoint \(its weights under "
+                                                r"'model'\), not an encoder's weights"):
+        M.load_pretrained(fresh(cfg), video=str(tmp_path / "best.pth"))
+
+
 def test_blip2_url_goes_through_torch_hubs_cache(cfg, tmp_path, monkeypatch):
     """A file:// URL is downloaded once into <TORCH_HOME>/hub/checkpoints; the short name
     `blip2` then finds BLIP-2's file there without any download."""

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from model import UniQ4Cap, set_attention_impl, tiny_config
+from model import UniQ4Cap, _filter_top_k_top_p, set_attention_impl, tiny_config
 
 
 def make_batch(cfg, B=2, T=9, seed=0):
@@ -216,6 +216,18 @@ def test_generation_options(model):
     assert not (out[:, :3] == cfg.sep_token_id).any()  # no [SEP] before min_length
     beams = model.generate(video, audio, method="beam", num_beams=4, num_captions=2, max_length=12)
     assert beams.shape[0] == 4
+
+
+def test_nucleus_filter_always_keeps_the_most_likely_token():
+    """top_p 0 (or below the top token's probability) leaves exactly the argmax, as greedy;
+    top_p 0.7 keeps the smallest set whose mass reaches it."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 0.0]])
+    for top_p in (0.0, 1e-6):
+        kept = torch.isfinite(_filter_top_k_top_p(logits, top_p=top_p))
+        assert kept.tolist() == [[False, True, False, False], [False, False, True, False]]
+    probs = logits[0].softmax(-1)  # 0.09 0.64 0.24 0.03: the best alone is short of 0.7
+    assert probs[1] < 0.7 < probs[1] + probs[2]
+    assert torch.isfinite(_filter_top_k_top_p(logits[:1], top_p=0.7)).tolist() == [[False, True, True, False]]
 
 
 def test_repetition_penalty_applies(model):

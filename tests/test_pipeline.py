@@ -144,7 +144,8 @@ def test_train_save_and_caption_a_video(clips, trained, tmp_path):
     data.write_clip(silent, frames, None)
     r = run_sample("--video", silent, "--ckpt", ckpt, "--max-length", "8")
     assert r.returncode == 0, r.stderr
-    assert "no audio track" in r.stdout
+    assert "no audio track in " + silent in r.stderr  # the note on stderr: stdout holds only the caption
+    assert len(r.stdout.strip().splitlines()) == 1 and "no audio track" not in r.stdout
 
     # an unreadable file: one line naming it, non-zero exit, no traceback
     broken = str(tmp_path / "broken.mp4")
@@ -170,7 +171,37 @@ def test_sample_captions_every_video_in_a_folder_whatever_its_extension(clips, t
     out, err = capsys.readouterr()
     captioned = [os.path.basename(json.loads(line)["video"]) for line in out.strip().splitlines()]
     assert captioned == ["a.mpg", "b.ts", "c.flv", "d.3gp", "e.wmv"]
-    assert "not a video, skipped: " + str(folder / "notes.txt") in err and "e.wav" not in err
+    assert "skipped, not readable as a video: " + str(folder / "notes.txt") in err and "e.wav" not in err
+
+
+def write_still(path, codec, pix_fmt):
+    """A 32x32 picture through FFmpeg's image2 muxer (png, mjpeg: a .png, a .jpg)."""
+    import av
+    with av.open(str(path), "w", format="image2") as out:
+        stream = out.add_stream(codec, rate=1)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, pix_fmt
+        frame = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), dtype=np.uint8), format="rgb24")
+        for packet in [*stream.encode(frame.reformat(format=pix_fmt)), *stream.encode()]:
+            out.mux(packet)
+
+
+def test_sample_skips_still_pictures_and_damaged_files_in_a_folder(clips, trained, tmp_path, capsys):
+    """PyAV opens a picture as a one-frame video: it is reported, not captioned; a damaged
+    video gets the same report, worded for both."""
+    _, ckpt = trained
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(os.path.join(clips, "test_00028.mp4"), folder / "a.mp4")
+    write_still(folder / "still.png", "png", "rgb24")
+    write_still(folder / "photo.jpg", "mjpeg", "yuvj420p")
+    (folder / "broken.mp4").write_bytes(os.urandom(2000))
+    assert sample.main(["--video", str(folder), "--ckpt", ckpt, "--max-length", "8", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert [os.path.basename(json.loads(line)["video"]) for line in out.strip().splitlines()] == ["a.mp4"]
+    skipped = sorted(line for line in err.splitlines() if line.startswith("skipped"))
+    assert len(skipped) == 3 and skipped[0].startswith(f"skipped, not readable as a video: {folder / 'broken.mp4'}: ")
+    assert skipped[1:] == [f"skipped, not readable as a video: {folder / 'photo.jpg'}: a still image",
+                           f"skipped, not readable as a video: {folder / 'still.png'}: a still image"]
 
 
 def test_max_length_counts_the_dec_token_as_the_original():
@@ -190,6 +221,42 @@ def test_max_length_counts_the_dec_token_as_the_original():
     assert out.shape[1] == 10 and out[0, 9] == sep and not (out[0, :9] == sep).any()
 
 
+BAD_DECODING = {  # case: (flags, the error, also train_caption's)
+    "--num-beams 0": (["--num-beams", "0"], "--num-beams must be at least 1", True),
+    "--top-p 0": (["--decode", "sample", "--top-p", "0"], "--top-p must be in (0, 1]", True),
+    "--top-p 1.5": (["--top-p", "1.5"], "--top-p must be in (0, 1]", True),
+    "--top-k -1": (["--top-k", "-1"], "--top-k must be 0 (off) or more", True),
+    "--max-length 0": (["--max-length", "0"], "--max-length must be at least 2", True),
+    "--min-length above --max-length": (["--min-length", "40", "--max-length", "30"],
+                                        "--min-length must be between 1 and --max-length", True),
+    "no captions": (["--num-captions", "0", "--decode", "sample"], "--num-captions must be at least 1", False),
+    "more captions than beams": (["--num-captions", "3", "--decode", "beam", "--num-beams", "2"],
+                                 "--num-captions 3 needs at least as many beams", False),
+    "several greedy captions": (["--num-captions", "3"], "identical captions: use --decode beam or --decode sample",
+                                False),
+}
+
+
+@pytest.mark.parametrize("script,case", [(s, c) for c, (_, _, both) in BAD_DECODING.items()
+                                         for s in ([sample, train_caption] if both else [sample])],
+                         ids=lambda x: getattr(x, "__name__", x))
+def test_bad_decoding_flags_end_with_one_error_line_and_exit_code_2(script, case, capsys):
+    """Checked in one place, training.check_decoding_args, for both scripts, before any file is read."""
+    argv, message, _ = BAD_DECODING[case]
+    with pytest.raises(SystemExit) as e:
+        script.get_args((["--video", "clip.mp4"] if script is sample else []) + argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert e.value.code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err
+
+
+def test_good_decoding_flags_pass_the_check():
+    args = sample.get_args(["--video", "clip.mp4", "--decode", "beam", "--num-beams", "3", "--num-captions", "3",
+                            "--top-p", "1", "--top-k", "0", "--min-length", "2", "--max-length", "2"])
+    assert args.num_captions == 3 and args.max_length == 2
+    assert sample.get_args(["--video", "clip.mp4", "--decode", "sample", "--num-captions", "5"]).num_captions == 5
+
+
 def test_full_preset_defaults_to_the_papers_recipe_and_tiny_keeps_its_own(capsys):
     full = train_caption.get_args(["--preset", "full"])
     assert (full.lr, full.warmup_lr, full.warmup_steps, full.min_lr, full.weight_decay) == (2e-4, 2e-6, 5000, 2e-5, 0.05)
@@ -202,6 +269,9 @@ def test_full_preset_defaults_to_the_papers_recipe_and_tiny_keeps_its_own(capsys
     lines = T.describe_recipe(tiny, train_caption.RECIPE, tiny.recipe_given, tiny.recipe_reasons)
     assert any("--modality-dropout 0.3" in l and "ignores the frames" in l for l in lines)  # printed with its reason
     assert any("--frozen-patch-dropout off" in l and "one view" in l for l in lines)
+    # true whatever the number of processes (torchrun included): the size is per process
+    assert any(l.startswith("  --batch-size 32  (full: 16;") and "per process" in l and "one process" not in l
+               for l in lines)
     with pytest.raises(SystemExit):
         train_caption.get_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
@@ -246,7 +316,9 @@ def write_json(path, obj):
 
 BAD_INPUTS = {
     "bad annotation JSON": ('[{"id": "a", "caption": "x"},', None, "not JSON"),
-    "missing field": ([{"id": "a", "title": "x"}], "caption", "record 0 lacks 'id' or 'caption'; its fields: id, title"),
+    "missing field": ([{"id": "a", "title": "x"}], "caption", "record 0 lacks 'caption'; its fields: id, title"),
+    "one object": ({"a": [{"id": "a", "caption": "x"}]}, None, "one JSON object (fields: a), but the file must hold "
+                                                              "a list of records"),
     "missing data folder": ([{"id": "a", "caption": "x"}], None, "data folder not found"),
 }
 
@@ -285,10 +357,13 @@ def test_a_run_whose_clips_are_all_unreadable_stops_with_the_skip_report(tmp_pat
                                                                         "--align-dir", str(tmp_path / "none")]
     for split in ("train", "val", "test"):
         argv += [f"--{split}-ann", ann]
-    with pytest.warns(UserWarning, match="skipping"):
-        code, err = run_script(train_caption.main, argv, capsys)
+    code, err = run_script(train_caption.main, argv, capsys)
     assert code == 2 and "no training clip could be read: 6 clips, 6 skipped (missing file: 6)" in err
     assert "Traceback" not in err and not os.path.exists(tmp_path / "out" / "metrics.jsonl")
+    # the files are named as they are skipped: one line per batch of 4, no warnings' source lines
+    skipped = [line for line in err.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 2 and "gone0.mp4 (missing file)" in skipped[0] and "and 1 more" in skipped[0]
+    assert "Warning" not in err and "warn(" not in err
 
 
 def test_missing_pycocoevalcap_stops_before_training(clips, tmp_path, monkeypatch, capsys):
