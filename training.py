@@ -17,6 +17,7 @@ random generators back only after everything that draws from them before trainin
     raw = Model(...).to(device)                    # save and evaluate this one
     model = training_handle(raw, args.compile, ddp, device)  # compiled, then DDP-wrapped
     optimizer = make_optimizer(raw, args.lr, args.weight_decay, device_type=device.type)
+    ckpt = load_checkpoint(args.resume) if args.resume else None  # None: a fresh start
     step, position, extras = resume_training(ckpt, args.resume, raw.load_state_dict, optimizer)
     stream = training_batches(train_set, args, rank, world, position)
 
@@ -32,7 +33,8 @@ random generators back only after everything that draws from them before trainin
 
 run_training sets the learning rate of each step (lr_at) and runs train_step over
 --grad-accum micro-batches; save_training_state and resume_training are the two halves of
-the checkpoint contract.
+the checkpoint contract (train_caption.py puts the weights back with model.map_stage2, and
+its last.pth also carries what sample.py reads).
 """
 
 import glob
