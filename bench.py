@@ -23,11 +23,11 @@ import os
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
 
 import torch
 
 import model as M
+from training import autocast_context
 
 
 def compare(fns, repeats, warmup=1, sync=lambda: None):
@@ -53,12 +53,6 @@ def timeit(fn, repeats, warmup=1, sync=lambda: None):
 
 def syncer(device):
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
-def autocast(device, dtype):
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -119,7 +113,7 @@ def bench_qformer_step(net, device, dtype, batch, repeats):
     params = [p for p in net.parameters() if p.requires_grad]
 
     def step():
-        with autocast(device, dtype):
+        with autocast_context(device, dtype):
             _, loss = net(captions=ids, video_tokens=v, audio_tokens=a)
         loss.backward()
         for p in params:
@@ -146,14 +140,14 @@ def bench_cached_step(net, device, dtype, batch, repeats):
     video = torch.randn(batch, 3, cfg.video.num_frames, *cfg.video.image_size, generator=g).to(device)
     audio = torch.randn(batch, 3, *cfg.audio.image_size, generator=g).to(device)
     _, _, ids = paper_batch(cfg, batch, device)
-    with torch.no_grad(), autocast(device, dtype):
+    with torch.no_grad(), autocast_context(device, dtype):
         vt, at = net.encode(video, audio)
     vt, at = vt.half().to(dtype if dtype != torch.float32 else torch.float32), at.half().to(vt.dtype)
     params = [p for p in net.parameters() if p.requires_grad]
     net.train()
 
     def step(**inputs):
-        with autocast(device, dtype):
+        with autocast_context(device, dtype):
             _, loss = net(captions=ids, **inputs)
         loss.backward()
         for p in params:
@@ -173,7 +167,7 @@ def bench_compile(net, device, dtype, batch, repeats):
     compiled = torch.compile(net)
 
     def step(m):
-        with autocast(device, dtype):
+        with autocast_context(device, dtype):
             _, loss = m(captions=ids, video_tokens=v, audio_tokens=a)
         loss.backward()
         for p in params:
@@ -192,7 +186,7 @@ def bench_kv_cache(net, device, dtype, batch, repeats, tokens=30):
     cfg = net.cfg
     v, a, _ = paper_batch(cfg, batch, device)
     net.eval()
-    with autocast(device, dtype):
+    with autocast_context(device, dtype):
         gen = lambda use_cache: net.generate(video_tokens=v, audio_tokens=a, max_length=tokens,
                                              min_length=tokens, use_cache=use_cache)
         same = torch.equal(gen(True), gen(False))
@@ -204,13 +198,11 @@ def bench_cache_read(cfg, batch, clips=64, workers=2):
     """Batches of `batch` clips read from a feature cache at the paper's shapes ((2056 + 593) x
     1024 fp16 = 5.4 MB a clip) through the training loader: from the page cache, and cold
     (the files' pages evicted first). Returns seconds per batch and bytes per clip."""
-    import json as _json
-
     import cache
     import data
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "ann.json"), "w") as f:
-            _json.dump([{"id": f"clip{i:04d}", "caption": "a clip"} for i in range(clips)], f)
+            json.dump([{"id": f"clip{i:04d}", "caption": "a clip"} for i in range(clips)], f)
         ds = data.AVCaptionDataset(os.path.join(tmp, "ann.json"), tmp, data.MediaConfig.from_model(cfg))
         fc = cache.FeatureCache(os.path.join(tmp, "cache"), ds, cfg, fingerprint="bench")
         fc.create()

@@ -74,6 +74,7 @@ class Aligner(nn.Module):
         return frames, v, a
 
     def forward(self, video, audio, mil_weight=1.0):
+        """-> (loss, {"nce", "mil_nce", "scale": the temperature used}, as floats for the log)."""
         frames, v, a = self.embed(video, audio)
         scale = self.temperature()
         nce = losses.nce_loss(v, a, scale)
@@ -81,7 +82,7 @@ class Aligner(nn.Module):
         audio_bag, audio_mask = a[:, None], torch.ones(a.size(0), 1, dtype=torch.bool, device=a.device)
         mil = 0.5 * (losses.mil_nce_loss(a, frames, frame_mask, scale)
                      + losses.mil_nce_loss(v, audio_bag, audio_mask, scale))
-        return nce + mil_weight * mil, {"nce": nce.item(), "mil_nce": mil.item()}
+        return nce + mil_weight * mil, {"nce": nce.item(), "mil_nce": mil.item(), "scale": scale.item()}
 
 
 def set_trainable(aligner, mode, last_k):
@@ -156,29 +157,17 @@ def main(argv=None):
     test_set = data.AVCaptionDataset(anns["test"], data_dir, media, args.caption_field, train=False, by_clip=True)
 
     aligner = Aligner(cfg)
-    for path, enc in ((args.video_init, aligner.video_encoder), (args.audio_init, aligner.audio_encoder)):
-        if path:
-            M.load_any_encoder(enc, path)
+    # the one loading entry point: it fills the towers of any model with video_encoder and
+    # audio_encoder, and tells LanguageBind's files from the authors' video.pth / audio.pth
+    M.load_pretrained(aligner, video=args.video_init, audio=args.audio_init)
     set_trainable(aligner, mode, args.last_k)
     aligner.video_encoder.patch_dropout = args.patch_dropout
     aligner.to(device)
-    model = T.maybe_compile(aligner, args.compile)
-    ddp_model = None
-    if ddp:
-        ddp_model = model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    model = T.training_handle(aligner, args.compile, ddp, device)
     optimizer = T.make_optimizer(aligner, args.lr, args.weight_decay, device_type=device.type)
-
-    sampler = T.EpochSampler(len(train_set), args.seed, rank, world)
-    loader_fn = lambda: T.make_loader(train_set, args.batch_size, sampler, args.num_workers, data.collate)
-
-    step, position, before = 0, {"epoch": 0, "index": 0}, None
-    if args.resume:
-        ckpt = T.load_checkpoint(args.resume)
-        aligner.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, position, before = ckpt["step"], dict(ckpt["data"]), ckpt.get("before")
-        T.restore_rng_state(ckpt["rng"])
-        T.print0(f"resumed from {args.resume} at step {step}")
+    resumed = T.load_checkpoint(args.resume) if args.resume else None
+    step, position, extras = T.resume_training(resumed, args.resume, aligner.load_state_dict, optimizer)
+    before = extras.get("before")
     n_train = sum(p.numel() for p in aligner.parameters() if p.requires_grad)
     T.print0(f"stage 1 ({args.preset}, training {mode}: {n_train / 1e6:.2f}M parameters) on {device}, "
              f"{len(train_set)} training clips")
@@ -186,31 +175,24 @@ def main(argv=None):
         before = evaluate(aligner, test_set, device, ctx, args.batch_size, args.eval_max)
     T.print0("retrieval before: " + fmt(before))
 
-    log = T.MetricsLogger(os.path.join(args.out_dir, "metrics.jsonl"))
-    tracker = data.SkipTracker(args.max_skip_fraction)
-    stream = T.batches_forever(train_set, loader_fn, sampler, args.batch_size, position, tracker)
+    stream = T.training_batches(train_set, args, rank, world, position)
     # contrastive pairs need both modalities: a batch with fewer than two such clips teaches
-    # nothing (clips without audio are still counted by the tracker)
+    # nothing (clips without audio are still counted by the skip report)
     stream = (b for b in stream if b["audio"] is not None and b["video"] is not None
               and int((b["audio_mask"] & b["video_mask"]).sum()) >= 2)
 
     def loss_fn(batch):
         keep = batch["audio_mask"] & batch["video_mask"]  # pairs need both modalities
         with ctx:
-            loss, parts = model(batch["video"][keep].to(device), batch["audio"][keep].to(device), args.mil_weight)
-        loss_fn.parts = parts
-        return loss
+            return model(batch["video"][keep].to(device), batch["audio"][keep].to(device), args.mil_weight)
 
     def checkpoint(step, bar):
-        rng = T.all_rng_states()  # a collective: every rank hands over its generators
-        if T.is_master():
-            T.save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
-                "model": aligner.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "data": dict(position), "rng": rng, "before": before, "config": vars(args)})
+        T.save_training_state(os.path.join(args.out_dir, "ckpt.pt"), optimizer, step, position,
+                              model=aligner.state_dict(), before=before, config=vars(args))
 
-    step, losses_seen = T.run_training(model, optimizer, stream, loss_fn, args, step, ddp_model, log, "stage 1",
-                                       args.save_every, checkpoint,
-                                       extra_log=lambda: {"scale": aligner.temperature().item(), **loss_fn.parts})
+    log = T.MetricsLogger(os.path.join(args.out_dir, "metrics.jsonl"))
+    loop = T.Loop(stream, loss_fn, every=args.save_every, on_every=checkpoint, log=log, desc="stage 1")
+    step, losses_seen = T.run_training(model, optimizer, loop, args, step)
     if step < args.max_steps:
         T.print0(f"stopped at step {step} (--stop-at); resume with --resume {args.out_dir}/ckpt.pt")
         T.cleanup_distributed(ddp)

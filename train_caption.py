@@ -333,14 +333,10 @@ def main(argv=None):
         # the frozen encoders only read: hold them in bf16 (half the memory, no casts per step)
         net.video_encoder.to(dtype)
         net.audio_encoder.to(dtype)
-    model = T.maybe_compile(net, args.compile)
-    ddp_model = None
-    if ddp:
-        # no find_unused_parameters: every trained parameter gets a gradient on every rank
-        # (what the caption cannot reach is frozen, UniQ4Cap.unreachable_parameters, and a
-        # modality absent from a micro-batch gives a zero one, UniQ4Cap.memory)
-        ddp_model = model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == "cuda" else None)
+    # no find_unused_parameters under DDP: every trained parameter gets a gradient on every
+    # rank (what the caption cannot reach is frozen, UniQ4Cap.unreachable_parameters, and a
+    # modality absent from a micro-batch gives a zero one, UniQ4Cap.memory)
+    model = T.training_handle(net, args.compile, ddp, device)
     optimizer = T.make_optimizer(net, args.lr, args.weight_decay, device_type=device.type)
 
     media = data.MediaConfig.from_model(cfg)
@@ -360,24 +356,15 @@ def main(argv=None):
             sets[split] = cache.FeatureCache(args.cache_dir, dataset, cfg, fingerprint)
             sets[split].build(net, device, ctx, args.batch_size, args.num_workers, rank, world, f"cache {split}")
         train_set, val_set, test_set = sets["train"], sets["val"], sets["test"]
-    sampler = T.EpochSampler(len(train_set), args.seed, rank, world)
-    loader_fn = lambda: T.make_loader(train_set, args.batch_size, sampler, args.num_workers, data.collate)
-
-    step, position, best = 0, {"epoch": 0, "index": 0}, None
-    if resumed is not None:
-        M.map_stage2(net, resumed["model"], args.resume)
-        optimizer.load_state_dict(resumed["optimizer"])
-        step, position, best = resumed["step"], dict(resumed["data"]), resumed["best"]
-        T.restore_rng_state(resumed["rng"])
-        T.print0(f"resumed from {args.resume} at step {step}")
+    step, position, extras = T.resume_training(resumed, args.resume, lambda sd: M.map_stage2(net, sd, args.resume),
+                                               optimizer)
+    best = extras.get("best")
     T.print0(f"stage 2 ({args.preset}, {args.modalities}): {net.num_params(True) / 1e6:.2f}M trainable "
              f"parameters on {device}, {len(train_set)} training (clip, caption) pairs of "
              f"{len({r['id'] for r in records['train']})} clips, "
              f"vocabulary {cfg.qformer.vocab_size}")
 
-    log = T.MetricsLogger(os.path.join(args.out_dir, "metrics.jsonl"))
-    tracker = data.SkipTracker(args.max_skip_fraction)
-    stream = T.batches_forever(train_set, loader_fn, sampler, args.batch_size, position, tracker)
+    stream = T.training_batches(train_set, args, rank, world, position)
 
     def loss_fn(batch):
         batch = hide_modalities(batch, args.modality_dropout, args.seed)
@@ -385,37 +372,38 @@ def main(argv=None):
         with ctx:
             _, loss = model(captions=ids.to(device), caption_mask=mask.to(device),
                             **model_inputs(batch, device, args.cache_features))
-        return loss
+        return loss, {}
 
     def validate_and_save(step, bar):
         nonlocal best
-        rng = T.all_rng_states()  # a collective: every rank hands over its generators
-        if T.is_master():
-            if step % eval_every == 0 or step == args.max_steps:
-                scores = evaluate(net, val_set, val_refs, tokenizer, device, ctx, args, args.eval_max)
-                log.log(step=step, val=scores)
-                bar.write(f"step {step} val: " + fmt(scores))
-                if best is None or scores["CIDEr"] > best["CIDEr"]:
-                    best = {"CIDEr": scores["CIDEr"], "step": step}
-                    T.save_checkpoint(os.path.join(args.out_dir, "best.pth"),
-                                      {**model_state(net, tokenizer, encoders, args.out_dir), "step": step,
-                                       "metrics": scores})
-            T.save_checkpoint(os.path.join(args.out_dir, "last.pth"), {
-                **model_state(net, tokenizer, encoders, args.out_dir), "optimizer": optimizer.state_dict(),
-                "step": step, "data": dict(position), "rng": rng, "best": best, "run": run_identity(args, given)})
+        if T.is_master() and (step % eval_every == 0 or step == args.max_steps):
+            # (last.pth below saves the random generators after the evaluation, which is where
+            # this run goes on from, as a run resumed from it will)
+            scores = evaluate(net, val_set, val_refs, tokenizer, device, ctx, args, args.eval_max)
+            log.log(step=step, val=scores)
+            bar.write(f"step {step} val: " + fmt(scores))
+            if best is None or scores["CIDEr"] > best["CIDEr"]:
+                best = {"CIDEr": scores["CIDEr"], "step": step}
+                T.save_checkpoint(os.path.join(args.out_dir, "best.pth"),
+                                  {**model_state(net, tokenizer, encoders, args.out_dir), "step": step,
+                                   "metrics": scores})
+        T.save_training_state(os.path.join(args.out_dir, "last.pth"), optimizer, step, position,
+                              **model_state(net, tokenizer, encoders, args.out_dir), best=best,
+                              run=run_identity(args, given))
         if ddp:
             torch.distributed.barrier()
 
     eval_every = args.eval_every or max(1, args.max_steps // 4)
-    step, losses_seen = T.run_training(model, optimizer, stream, loss_fn, args, step, ddp_model, log, "stage 2",
-                                       eval_every, validate_and_save)
+    log = T.MetricsLogger(os.path.join(args.out_dir, "metrics.jsonl"))
+    loop = T.Loop(stream, loss_fn, every=eval_every, on_every=validate_and_save, log=log, desc="stage 2")
+    step, losses_seen = T.run_training(model, optimizer, loop, args, step)
     if step < args.max_steps:
         T.print0(f"stopped at step {step} (--stop-at); resume with --resume {args.out_dir}/last.pth")
         T.cleanup_distributed(ddp)
         return losses_seen
 
     if T.is_master():
-        M.map_stage2(net, T.load_checkpoint(os.path.join(args.out_dir, "best.pth"))["model"], "best.pth")
+        M.load_pretrained(net, stage2=os.path.join(args.out_dir, "best.pth"))
         test = evaluate(net, test_set, test_refs, tokenizer, device, ctx, args)
         T.print0(f"test (best by val CIDEr, step {best['step']}): " + fmt(test))
         T.write_json(os.path.join(args.out_dir, "metrics.json"),

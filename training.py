@@ -3,26 +3,38 @@
 Owns: the flags the scripts share (training flags with per-preset defaults, the decoding
 flags of sample.py and of stage 2's evaluation) and run_script, which turns input errors into
 one `error:` line and exit code 2; device and precision, torchrun DDP set-up (gloo on CPU,
-NCCL on GPU), seeds, AdamW parameter groups and the paper's warm-up + cosine learning rate
-(DESIGN.md section 7), one optimisation step with gradient accumulation and clipping, atomic
-checkpoints that resume exactly (model, optimizer, step, RNG states, data position), the
-training stream (unreadable clips counted and skipped), the JSONL metrics log and rank-0
-progress bars, and launch_local, a torchrun stand-in that the tests use.
+NCCL on GPU), seeds, the handle a script trains through (compiled, DDP-wrapped), AdamW
+parameter groups and the paper's warm-up + cosine learning rate (DESIGN.md section 7), one
+optimisation step with gradient accumulation and clipping, the training loop, atomic
+checkpoints and the resumable training state (model, optimizer, step, data position, every
+rank's RNG states) that resumes exactly, the training stream (unreadable clips counted and
+skipped), the JSONL metrics log and rank-0 progress bars.
 
-How a training script strings them together (the order matters for the model handles):
+How both training scripts string them together (the order matters: a resumed run sets the
+random generators back only after everything that draws from them before training):
 
-    ddp, rank, local_rank, world = setup_distributed(args.device)
-    device = setup_device(args.device, local_rank)
-    ctx = autocast_context(device, resolve_dtype(args.dtype, device))
-    seed_everything(args.seed, rank)
-    raw = Model(...).to(device)                 # save and evaluate this one
-    model = maybe_compile(raw, args.compile)    # compile first, then wrap (as nanoGPT)
-    if ddp:
-        model = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
+    ddp, rank, local_rank, world, device, dtype, ctx = setup_run(args)  # processes, device, seeds
+    raw = Model(...).to(device)                    # save and evaluate this one
+    model = training_handle(raw, args.compile, ddp, device)  # compiled, then DDP-wrapped
     optimizer = make_optimizer(raw, args.lr, args.weight_decay, device_type=device.type)
-    for each step:
-        set_lr(optimizer, lr_at(step, ...))
-        loss, norm = train_step(optimizer, micro_batches, loss_fn, args.clip, model if ddp else None)
+    ckpt = load_checkpoint(args.resume) if args.resume else None  # None: a fresh start
+    step, position, extras = resume_training(ckpt, args.resume, raw.load_state_dict, optimizer)
+    stream = training_batches(train_set, args, rank, world, position)
+
+    def loss_fn(batch):                            # the forward pass of one micro-batch
+        with ctx:
+            return model(...)                      # -> (loss, {log field: float})
+
+    def save(step, bar):                           # every `every` steps and at the last one
+        save_training_state(path, optimizer, step, position, model=raw.state_dict(), ...)
+
+    loop = Loop(stream, loss_fn, every, save, MetricsLogger(path), "stage 1")
+    step, losses = run_training(model, optimizer, loop, args, step)
+
+run_training sets the learning rate of each step (lr_at) and runs train_step over
+--grad-accum micro-batches; save_training_state and resume_training are the two halves of
+the checkpoint contract (train_caption.py puts the weights back with model.map_stage2, and
+its last.pth also carries what sample.py reads).
 """
 
 import glob
@@ -30,14 +42,16 @@ import json
 import math
 import os
 import random
-import socket
 import sys
 import tempfile
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -251,40 +265,18 @@ def seed_everything(seed, rank=0):
     torch.manual_seed(seed + rank)
 
 
-def maybe_compile(model, flag):
-    """The model to call for training: torch.compile'd when flag is set. Keep the handle you
-    passed in for saving and evaluation, so checkpoints never carry `_orig_mod.` prefixes."""
-    return torch.compile(model) if flag else model
+def training_handle(model, compile, ddp, device):
+    """The handle to train through: `model` torch.compile'd when `compile`, then, under
+    torchrun, wrapped in DistributedDataParallel (compile first, then wrap, as nanoGPT).
+    Keep the `model` you passed in for saving and evaluation, so checkpoints never carry
+    `_orig_mod.` or `module.` prefixes. No find_unused_parameters: each script sees to it that
+    every trained parameter gets a gradient on every rank at every step."""
+    if compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
 
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launched(rank, world_size, port, out_dir, fn, args):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # the processes share the machine's cores
-    try:
-        result = fn(*args)
-    finally:
-        cleanup_distributed()
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-
-
-def launch_local(fn, *args, world_size=2):
-    """A torchrun stand-in for tests: run fn(*args) in world_size fresh processes on this
-    machine, each with the environment torchrun would give it (RANK, LOCAL_RANK, WORLD_SIZE,
-    MASTER_ADDR=127.0.0.1, a free MASTER_PORT), so fn calls setup_distributed("cpu") as a
-    training script would. fn must be defined at module level (it is pickled by name).
-    Returns fn's return values by rank; they travel through torch.save, so keep them to
-    tensors and plain values. An exception on any rank is raised here."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        torch.multiprocessing.spawn(_launched, args=(world_size, _free_port(), out_dir, fn, args),
-                                    nprocs=world_size)
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]
 
 # -----------------------------------------------------------------------------
 # Optimizer and schedule
@@ -324,50 +316,66 @@ def set_lr(optimizer, lr):
 
 def train_step(optimizer, micro_batches, loss_fn, clip, ddp_model=None):
     """One optimizer step as nanoGPT writes it. loss_fn(batch) runs the forward pass (inside
-    the autocast context; through the DDP-wrapped model when there is one) and returns the
-    mean loss of that micro-batch. Each loss is divided by the number of micro-batches before
-    backward, so the accumulated gradient is that of their mean; under DDP (ddp_model given)
-    gradients are all-reduced only on the last micro-batch (no_sync before), then clipped
-    (clip <= 0: no clipping), stepped and set to None. bf16 needs no GradScaler.
-    Returns (mean loss of this rank's micro-batches, gradient norm before clipping)."""
+    the autocast context; through the DDP-wrapped model when there is one) and returns
+    (the mean loss of that micro-batch, {name: float} to log). Each loss is divided by the
+    number of micro-batches before backward, so the accumulated gradient is that of their
+    mean; under DDP (ddp_model given) gradients are all-reduced only on the last micro-batch
+    (no_sync before), then clipped (clip <= 0: no clipping), stepped and set to None. bf16
+    needs no GradScaler. Returns (mean loss of this rank's micro-batches, gradient norm before
+    clipping, the logged values averaged over the micro-batches as the loss is)."""
     n = len(micro_batches)
-    total = 0.0
+    total, logged = 0.0, {}
     for i, batch in enumerate(micro_batches):
         sync = ddp_model is None or i == n - 1
         with nullcontext() if sync else ddp_model.no_sync():
-            loss = loss_fn(batch)
+            loss, values = loss_fn(batch)
             (loss / n).backward()
         total += loss.detach().float() / n
+        for name, value in values.items():
+            logged[name] = logged.get(name, 0.0) + value / n
     params = [p for group in optimizer.param_groups for p in group["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total.item(), norm.item()
+    return total.item(), norm.item(), logged
 
 
-def run_training(model, optimizer, stream, loss_fn, args, step, ddp_model, log, desc, every, on_every,
-                 extra_log=None):
-    """The loop both stages run: the LR schedule, one optimizer step over --grad-accum
-    micro-batches from `stream`, a log row, the progress bar. Every `every` steps, and at the
-    step this run ends (--max-steps or --stop-at), `on_every(step, bar)` validates and saves.
-    `extra_log()` adds fields to each log row. Returns (step, this run's losses)."""
+@dataclass
+class Loop:
+    """What run_training runs, from the script that calls it."""
+    batches: Iterator  # training batches, without end (training_batches)
+    loss_fn: Callable  # batch -> (loss, {log field: float}): the forward pass, as train_step takes it
+    every: int  # steps between calls of on_every (which also runs at the run's last step)
+    on_every: Callable  # (step, progress bar) -> None: validate and/or save_training_state
+    log: "MetricsLogger"  # one row per step: step, loss, lr, grad_norm and loss_fn's fields
+    desc: str  # the progress bar's label
+
+
+def run_training(model, optimizer, loop, args, step):
+    """The loop both stages run, from `step` to the step this run ends at (--max-steps, or
+    --stop-at): the learning rate of each step (lr_at with the schedule flags), one
+    train_step over --grad-accum micro-batches of loop.batches (gradients clipped at --clip),
+    a log row, the progress bar, and loop.on_every. `model` is the training handle
+    (training_handle): under DDP its gradients are synchronised on the last micro-batch only.
+    Returns (step, this run's losses)."""
+    ddp_model = model if isinstance(model, DistributedDataParallel) else None
     losses = []
-    bar = progress(args.max_steps, desc)
+    bar = progress(args.max_steps, loop.desc)
     bar.update(step)
     model.train()
     end = steps_this_run(args)
     while step < end:
         lr = lr_at(step, args.warmup_steps, args.max_steps, args.lr, args.min_lr, args.warmup_lr)
         set_lr(optimizer, lr)
-        micro = [next(stream) for _ in range(args.grad_accum)]
-        loss, norm = train_step(optimizer, micro, loss_fn, args.clip, ddp_model)
+        micro = [next(loop.batches) for _ in range(args.grad_accum)]
+        loss, norm, logged = train_step(optimizer, micro, loop.loss_fn, args.clip, ddp_model)
         step += 1
         losses.append(loss)
-        log.log(step=step, loss=loss, lr=lr, grad_norm=norm, **(extra_log() if extra_log else {}))
+        loop.log.log(step=step, loss=loss, lr=lr, grad_norm=norm, **logged)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         bar.update(1)
-        if step % every == 0 or step == end:
-            on_every(step, bar)
+        if step % loop.every == 0 or step == end:
+            loop.on_every(step, bar)
     bar.close()
     return step, losses
 
@@ -446,15 +454,9 @@ def _atomic_write(path, write):
 
 def save_checkpoint(path, state):
     """torch.save(state) to `path` atomically (see _atomic_write); call it on rank 0 only.
-    A resumable checkpoint, built by the caller, holds:
-        model      the uncompiled, unwrapped model's state_dict()
-        optimizer  optimizer.state_dict()
-        step       optimizer steps done (the learning rate is lr_at(step, ...))
-        rng        all_rng_states() (or capture_rng_state() in one process)
-        data       the data position, e.g. {"epoch": e, "index": items consumed this epoch}
-        config     vars(args) and/or the model config, as plain types
-    Everything must be tensors and plain Python values so that load_checkpoint's
-    weights_only=True load accepts it."""
+    save_training_state writes the state a run resumes from through it. Everything must be
+    tensors and plain Python values so that load_checkpoint's weights_only=True load accepts
+    it."""
     _atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -466,6 +468,42 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"cannot resume: no checkpoint file at {path!r}")
     return model.read_state_dict(path)
+
+
+TRAINING_STATE = ("model", "optimizer", "step", "data", "rng")  # what resume_training restores
+
+
+def save_training_state(path, optimizer, step, position, **state):
+    """Write the state a run resumes from to `path` (save_checkpoint):
+        model      the uncompiled, unwrapped model's weights, given in `state`
+        optimizer  optimizer.state_dict()
+        step       optimizer steps done (the learning rate is lr_at(step, ...))
+        data       the data position `position`: batches_forever's {"epoch", "index"}
+        rng        every rank's random generators (all_rng_states)
+    and the rest of `state`: whatever else the script wants back (its config, its best score
+    so far, what sample.py reads). A collective: call it on every rank (each hands over its
+    generators); rank 0 writes."""
+    rng = all_rng_states()
+    if is_master():
+        save_checkpoint(path, {**state, "optimizer": optimizer.state_dict(), "step": step,
+                               "data": dict(position), "rng": rng})
+
+
+def resume_training(ckpt, source, load_weights, optimizer):
+    """Undo save_training_state. `ckpt` is what load_checkpoint read from `source`, or None
+    for a fresh start. load_weights(ckpt["model"]) puts the weights back (the model's
+    load_state_dict, or a mapping such as model.map_stage2); then the optimizer, and this
+    rank's random generators, so call it after everything that draws random numbers before
+    training (initialisation, a feature cache). Returns (step, data position, the script's
+    extras: every other entry of `ckpt`)."""
+    if ckpt is None:
+        return 0, {"epoch": 0, "index": 0}, {}
+    load_weights(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    restore_rng_state(ckpt["rng"])
+    print0(f"resumed from {source} at step {ckpt['step']}")
+    extras = {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
+    return ckpt["step"], dict(ckpt["data"]), extras
 
 
 # -----------------------------------------------------------------------------
@@ -588,7 +626,7 @@ def make_loader(dataset, batch_size, sampler, num_workers, collate_fn):
                                        drop_last=False, persistent_workers=False)
 
 
-def batches_forever(dataset, loader_fn, sampler, batch_size, state, tracker=None):
+def batches_forever(dataset, loader_fn, sampler, state, tracker=None):
     """Yield training batches epoch after epoch. `state` ({"epoch", "index"}) is the data
     position saved in checkpoints: `index` counts items consumed in the current epoch.
     Per-epoch skip reports go through `tracker` (data.SkipTracker). A batch in which no clip
@@ -617,3 +655,14 @@ def batches_forever(dataset, loader_fn, sampler, batch_size, state, tracker=None
             print0(f"epoch {state['epoch']}: {tracker.report()}")
             tracker.reset()
         state["epoch"], state["index"] = state["epoch"] + 1, 0
+
+
+def training_batches(dataset, args, rank, world, position):
+    """The training stream of both scripts: this rank's share of each epoch (EpochSampler,
+    shuffled with --seed) in batches of --batch-size from --num-workers loader processes,
+    epoch after epoch (batches_forever) from `position` on, which it keeps up to date for
+    save_training_state; unreadable clips are counted against --max-skip-fraction."""
+    import data
+    sampler = EpochSampler(len(dataset), args.seed, rank, world)
+    loader_fn = lambda: make_loader(dataset, args.batch_size, sampler, args.num_workers, data.collate)
+    return batches_forever(dataset, loader_fn, sampler, position, data.SkipTracker(args.max_skip_fraction))

@@ -28,6 +28,7 @@ import data
 import model as M
 import train_caption
 import training as T
+from tests.distributed import launch_local
 
 STEPS, WORLD, B = 3, 2, 4  # 16 training clips: 2 steps an epoch, so the third starts epoch 1
 
@@ -57,7 +58,7 @@ def runs(tmp_path_factory):
                 "--eval-every", "100", "--warmup-steps", "2", "--modality-dropout", "0.5",
                 "--num-workers", "0", "--device", "cpu", "--cache-features"]
 
-    ranks = T.launch_local(run_stage2, argv("two-ranks", B), world_size=WORLD)
+    ranks = launch_local(run_stage2, argv("two-ranks", B), world_size=WORLD)
     saved = dict(M.PRESETS)
     ranks_vocabulary = M.Tokenizer.load(str(root / "two-ranks" / "tokenizer.json"))
     try:

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import losses
 import training as T
+from tests.distributed import launch_local
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN, D = 6, 4
@@ -66,7 +67,7 @@ def global_micro_batches():
 def one_sgd_step(raw, model, rows, ddp_model):
     optimizer = torch.optim.SGD(raw.parameters(), lr=1.0)
     micro = [(video[rows], audio[rows]) for video, audio in global_micro_batches()]
-    loss, norm = T.train_step(optimizer, micro, lambda batch: model(*batch), CLIP, ddp_model)
+    loss, norm, _ = T.train_step(optimizer, micro, lambda batch: (model(*batch), {}), CLIP, ddp_model)
     return {"loss": loss, "norm": norm, "weights": {k: v.clone() for k, v in raw.state_dict().items()}}
 
 
@@ -81,7 +82,7 @@ def ddp_rank():
 
 @pytest.fixture(scope="module")
 def ddp_ranks():
-    return T.launch_local(ddp_rank, world_size=WORLD)
+    return launch_local(ddp_rank, world_size=WORLD)
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +127,12 @@ def train(model, optimizer, steps):
     def loss_fn(n):
         video = torch.randn(n, IN)
         audio = torch.from_numpy(np.random.randn(n, IN)).float() * random.uniform(0.5, 2.0)
-        return model(video, audio)
+        return model(video, audio), {}
 
     out = []
     for step in steps:
         T.set_lr(optimizer, T.lr_at(step, **LR))
-        loss, _ = T.train_step(optimizer, [6, 6], loss_fn, clip=1.0)
+        loss, _, _ = T.train_step(optimizer, [6, 6], loss_fn, clip=1.0)
         out.append(loss)
     return out
 
@@ -139,8 +140,7 @@ def train(model, optimizer, steps):
 def two_steps_then_save(path):
     model, optimizer = new_run(0)
     losses_so_far = train(model, optimizer, range(2))
-    T.save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "step": 2, "rng": T.capture_rng_state()})
+    T.save_training_state(path, optimizer, 2, {"epoch": 0, "index": 0}, model=model.state_dict())
     return losses_so_far
 
 
@@ -148,11 +148,13 @@ def reload(path, restore_rng):
     """What a restarted process does: new objects from another seed, then the checkpoint."""
     model, optimizer = new_run(seed=123)
     ckpt = T.load_checkpoint(path)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
     if restore_rng:
-        T.restore_rng_state(ckpt["rng"])
-    return model, optimizer, ckpt["step"]
+        step, _, _ = T.resume_training(ckpt, path, model.load_state_dict, optimizer)
+    else:  # the weights and the optimizer only
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+    return model, optimizer, step
 
 
 def test_two_steps_saved_and_resumed_for_two_more_equal_four_straight(tmp_path):
@@ -178,6 +180,15 @@ def test_resume_without_the_rng_state_is_not_exact(tmp_path):
     two_steps_then_save(path)
     model, optimizer, step = reload(path, restore_rng=False)
     assert train(model, optimizer, range(step, 4)) != pytest.approx(straight[2:], abs=1e-6)
+
+
+def test_a_training_state_gives_back_its_step_data_position_and_the_scripts_extras(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    model, optimizer = new_run(0)
+    T.save_training_state(path, optimizer, 5, {"epoch": 1, "index": 8}, model=model.state_dict(), best={"CIDEr": 0.5})
+    step, position, extras = T.resume_training(T.load_checkpoint(path), path, model.load_state_dict, optimizer)
+    assert (step, position, extras) == (5, {"epoch": 1, "index": 8}, {"best": {"CIDEr": 0.5}})
+    assert T.resume_training(None, None, model.load_state_dict, optimizer) == (0, {"epoch": 0, "index": 0}, {})
 
 
 # -----------------------------------------------------------------------------
@@ -327,7 +338,7 @@ class NoAugmentation:
 
 
 def stream_of(batches, tracker, state):
-    return T.batches_forever(NoAugmentation(), lambda: iter(batches), T.EpochSampler(6, 0), 2, state, tracker)
+    return T.batches_forever(NoAugmentation(), lambda: iter(batches), T.EpochSampler(6, 0), state, tracker)
 
 
 def test_a_batch_with_no_readable_clip_is_skipped_and_counted(capsys):
