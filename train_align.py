@@ -160,7 +160,7 @@ def main(argv=None):
         if path:
             M.load_any_encoder(enc, path)
     set_trainable(aligner, mode, args.last_k)
-    aligner.video_encoder.patch_dropout = args.patch_dropout
+    aligner.video_encoder.drop_patches_in_training = args.patch_dropout
     aligner.to(device)
     model = T.maybe_compile(aligner, args.compile)
     ddp_model = None
