@@ -192,6 +192,18 @@ def test_every_trained_parameter_gets_a_gradient_whatever_the_batch_lacks(lacks)
         assert (proj.weight.grad.abs().sum() == 0) == (proj is missing)
 
 
+def test_each_modality_comes_as_pixels_or_as_cached_tokens(model):
+    """`encode` is the one place that takes either: cached video tokens beside audio pixels
+    give the captioner the same memory as both pixels; one modality given both ways is an error."""
+    video, audio, captions, mask = make_batch(model.cfg)
+    v, _ = model.encode(video)
+    logits, _ = model(video, audio, captions, mask)
+    mixed, _ = model(audio=audio, video_tokens=v, captions=captions, caption_mask=mask)
+    assert torch.equal(mixed, logits)
+    with pytest.raises(ValueError, match="video given twice"):
+        model(video, captions=captions, video_tokens=v)
+
+
 def test_missing_audio_is_masked_not_noise(model):
     """A clip without audio gives the same captions whatever its (zero-filled) audio holds."""
     video, audio, captions, mask = make_batch(model.cfg)
