@@ -1,14 +1,17 @@
-"""UniQ4Cap: the whole model in one file.
-
-Owns (DESIGN.md sections 2, 3 and 5):
-  1. configs and the named presets (`full` = the paper, `tiny` = a 2-core CPU),
-  2. the CLIP ViT-L/14 encoders: the video tower with per-layer temporal attention and the
-     audio tower on a 3-channel log-mel image,
-  3. the Q-Former (post-LN BERT with cross-attention and learned queries) and its LM head,
-  4. the captioner that joins them: memory = [video tokens ; audio tokens], caption loss,
-     generation with a KV cache,
-  5. the tokenizer,
-  6. loading every official checkpoint by an explicit name mapping.
+"""UniQ4Cap: the whole model in one file (DESIGN.md sections 2, 3 and 5), in this order:
+  1. Configs and presets: a dataclass per component; `full` = the paper, `tiny` = a 2-core CPU.
+  2. Attention: one function, PyTorch's fused kernels or the plain softmax(QK^T)V reference.
+  3. The CLIP ViT encoders: the video tower with per-layer temporal attention, and the audio
+     tower on a 3-channel log-mel image.
+  4. The Q-Former: post-LN BERT with cross-attention, learned queries and its LM head.
+  5. The captioner, `UniQ4Cap`: `forward` reads as its three steps, encode (the encoders, or
+     their cached tokens) -> memory = [video tokens ; audio tokens] -> the Q-Former's queries
+     read the memory and the caption reads the queries; then the caption loss. `generate`
+     prepares the same memory and hands it to section 6.
+  6. Generation: `TextStepper` (next-token logits, with the KV cache), `greedy_or_sample`,
+     `filter_top_k_top_p` and `beam_search`.
+  7. The tokenizer.
+  8. Loading every official checkpoint by an explicit name mapping.
 
 Module names follow the official checkpoints' keys wherever that costs nothing, so most
 of the loading code is an identity map plus a handful of reshapes.
@@ -19,11 +22,16 @@ import math
 import os
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field, asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
+from tokenizers import AddedToken, BertWordPieceTokenizer
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.pre_tokenizers import BertPreTokenizer
 
 from losses import IGNORE_INDEX, caption_loss
 
@@ -44,7 +52,7 @@ class VisionConfig:
     mlp_dim: int = 4096
     num_frames: int = 1  # video: frames per clip; audio: 1
     temporal: bool = False  # per-layer temporal attention (video tower only)
-    patch_dropout: float = 0.0  # fraction of patch tokens dropped; used only when asked for
+    patch_dropout: float = 0.0  # fraction of patch tokens dropped in training, where switched on
     layer_norm_eps: float = 1e-5
     embed_dim: int = 768  # visual_projection output (stage-1 alignment space)
 
@@ -233,14 +241,13 @@ class CLIPLayer(nn.Module):
 
     def forward(self, x, num_frames):
         if self.temporal:
-            BT, N, D = x.shape
-            # (B*T, N, D) -> (B*N, T, D): attention runs over the frames of each position
-            x = x.view(BT // num_frames, num_frames, N, D).transpose(1, 2).reshape(-1, num_frames, D)
+            N = x.size(1)
+            # attention runs over the frames of each position: (B*T, N, D) -> (B*N, T, D)
+            x = rearrange(x, "(b t) n d -> (b n) t d", t=num_frames)
             # the temporal embedding is added to the residual stream itself, as in LanguageBind
             x = x + self.temporal_embedding[:, :num_frames]
             x = x + self.temporal_attn(self.temporal_layer_norm1(x))
-            # (B*N, T, D) -> (B*T, N, D)
-            x = x.view(BT // num_frames, N, num_frames, D).transpose(1, 2).reshape(BT, N, D)
+            x = rearrange(x, "(b n) t d -> (b t) n d", n=N)  # (B*N, T, D) -> (B*T, N, D)
         x = x + self.self_attn(self.layer_norm1(x))
         x = x + self.mlp(self.layer_norm2(x))
         return x
@@ -253,8 +260,12 @@ class CLIPEncoder(nn.Module):
 
 
 class CLIPEmbeddings(nn.Module):
+    """Pixels -> one token sequence per frame: its class token, then its patches, positions
+    added."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
+        self.temporal = cfg.temporal
         p = cfg.patch_size
         if cfg.temporal:
             # the authors' "vl_new" video variant: a Conv3d with tube size 1 and one class
@@ -265,6 +276,17 @@ class CLIPEmbeddings(nn.Module):
             self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.width, p, p, bias=False)
             self.class_embedding = nn.Parameter(torch.zeros(cfg.width))
         self.position_embedding = nn.Embedding(cfg.tokens_per_frame, cfg.width)
+
+    def forward(self, pixels):
+        """Video (B, 3, T, H, W) or audio (B, 3, mel, time) -> (B*T, 1+N, D), T = 1 for audio."""
+        x = self.patch_embedding(pixels)
+        if self.temporal:
+            x = rearrange(x, "b d t h w -> (b t) (h w) d")  # (B, D, T, gh, gw) -> (B*T, N, D)
+            cls = self.class_embedding.repeat(pixels.size(0), 1)[:, None]  # (B*T, 1, D): frame t gets its own
+        else:
+            x = rearrange(x, "b d h w -> b (h w) d")  # (B, D, gh, gw) -> (B, N, D)
+            cls = self.class_embedding.expand(x.size(0), 1, -1)  # (B, 1, D)
+        return torch.cat([cls.to(x.dtype), x], dim=1) + self.position_embedding.weight  # (B*T, 1+N, D)
 
 
 class VisionTransformer(nn.Module):
@@ -283,21 +305,15 @@ class VisionTransformer(nn.Module):
         self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         # stage 1's projection into the shared space (LanguageBind's `visual_projection`)
         self.visual_projection = nn.Linear(cfg.width, cfg.embed_dim, bias=False)
-        self.patch_dropout = False  # switched on deliberately by the owner (see UniQ4Cap.train)
+        # Patch dropout's one switch: training drops cfg.patch_dropout of the patches only where
+        # the tower's owner turns this on, once (UniQ4Cap's constructor, train_align.py)
+        self.drop_patches_in_training = False
 
     def forward(self, pixels):
-        cfg, emb = self.cfg, self.embeddings
-        if cfg.temporal:
-            B, _, T = pixels.shape[:3]
-            x = emb.patch_embedding(pixels)  # (B, D, T, gh, gw)
-            x = x.flatten(3).permute(0, 2, 3, 1).reshape(B * T, -1, cfg.width)  # -> (B*T, N, D)
-            cls = emb.class_embedding.repeat(B, 1)[:, None]  # (B*T, 1, D): frame t gets its own
-        else:
-            B, T = pixels.shape[0], 1
-            x = emb.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, N, D)
-            cls = emb.class_embedding.expand(B, 1, -1)  # (B, 1, D)
-        x = torch.cat([cls.to(x.dtype), x], dim=1) + emb.position_embedding.weight  # (B*T, 1+N, D)
-        if self.patch_dropout and self.training and cfg.patch_dropout > 0:
+        B = pixels.size(0)
+        x = self.embeddings(pixels)  # (B*T, 1+N, D)
+        T = x.size(0) // B  # frames per clip; 1 for audio
+        if self.training and self.drop_patches_in_training:
             x = self.drop_patches(x, B, T)
         x = self.pre_layrnorm(x)
         for layer in self.encoder.layers:
@@ -312,6 +328,8 @@ class VisionTransformer(nn.Module):
         BT, N1, D = x.shape
         N = N1 - 1
         keep = max(1, int(N * (1.0 - self.cfg.patch_dropout)))
+        if keep == N:  # a rate of 0 drops nothing
+            return x
         idx = torch.rand(B, N, device=x.device).argsort(dim=1)[:, :keep] + 1  # (B, keep)
         idx = torch.cat([torch.zeros_like(idx[:, :1]), idx], dim=1)  # class token at 0
         idx = idx.repeat_interleave(T, dim=0)[:, :, None].expand(-1, -1, D)  # (B*T, 1+keep, D)
@@ -479,7 +497,7 @@ class LMHead(nn.Module):
 
 class QFormer(nn.Module):
     """The transformer with two entry points:
-      encode_queries: learned queries read the memory; every layer's self-attention keys and
+      read_memory: learned queries read the memory; every layer's self-attention keys and
         values of the queries are returned so the text never has to recompute them (the
         queries' own outputs are not: nothing reads them);
       decode_text: text tokens attend to all cached queries and to earlier text, and the LM
@@ -491,16 +509,16 @@ class QFormer(nn.Module):
         self.bert = BertModel(cfg)
         self.cls = LMHead(cfg, self.bert.embeddings.word_embeddings)
 
-    def encode_queries(self, queries, memory, memory_mask=None):
-        """queries (B, Q, C); memory (B, M, W); memory_mask (B, M) bool, True = present.
-        Returns what the text reads: per layer, the queries' self-attention (k, v), each
-        (B, H, Q, d).
+    def read_memory(self, queries, memory, memory_mask=None):
+        """queries (1, Q, C), the same for every clip; memory (B, M, W); memory_mask (B, M)
+        bool, True = present. Returns what the text reads: per layer, the queries'
+        self-attention (k, v), each (B, H, Q, d).
 
         The text at layer l reads keys and values computed from layer l's *input*, so the
         last layer's query outputs reach nothing: of that layer only the key and value
         projections of the queries run. Its query-side self-attention output, cross-attention
         and query FFN are never computed (and UniQ4Cap does not train them)."""
-        x = self.bert.embeddings(queries=queries)
+        x = self.bert.embeddings(queries=queries.expand(memory.size(0), -1, -1))  # (B, Q, C)
         mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, M)
         *body, last = self.bert.encoder.layer
         cache = []
@@ -534,15 +552,16 @@ class QFormer(nn.Module):
         return self.cls.predictions(x), new_cache
 
 
+# -----------------------------------------------------------------------------
+# 5. The captioner: encode -> memory -> Q-Former
+
+
 class LayerNormFp32(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the input dtype (the encoders may run in bf16)."""
+    """LayerNorm computed in fp32 whatever the input dtype (the encoders may run in bf16):
+    each modality's tokens pass one on their way into the memory."""
 
     def forward(self, x):
         return super().forward(x.float()).to(x.dtype)
-
-
-# -----------------------------------------------------------------------------
-# 5. The captioner
 
 
 class UniQ4Cap(nn.Module):
@@ -583,7 +602,9 @@ class UniQ4Cap(nn.Module):
         # gradient, and under DDP a trained parameter without one stops the run
         for p in self.unreachable_parameters():
             p.requires_grad_(False)
-        self.video_encoder.patch_dropout = cfg.frozen_patch_dropout or not freeze_encoders
+        # patch dropout's one decision: trained encoders drop patches in training; frozen ones only
+        # when the config says so (the authors' stage 2, see UniQ4CapConfig)
+        self.video_encoder.drop_patches_in_training = cfg.frozen_patch_dropout or not freeze_encoders
         self.train()
 
     @staticmethod
@@ -614,7 +635,7 @@ class UniQ4Cap(nn.Module):
     def unreachable_parameters(self):
         """Parameters no caption depends on: BLIP-2's retrieval and matching heads (`temp`,
         `vision_proj`, `text_proj`, `itm_head`), and the last Q-Former layer's query path
-        (its cross-attention and query FFN), whose outputs no text reads (QFormer.encode_queries
+        (its cross-attention and query FFN), whose outputs no text reads (QFormer.read_memory
         explains why). The last layer's self-attention stays: the text runs through it."""
         last = self.Qformer.bert.encoder.layer[-1]
         parts = [self.vision_proj, self.text_proj, self.itm_head, last.intermediate_query, last.output_query]
@@ -623,34 +644,42 @@ class UniQ4Cap(nn.Module):
         return [self.temp] + [p for m in parts for p in m.parameters()]
 
     def train(self, mode=True):
-        """Frozen encoders stay in eval mode: the Q-Former trains, the encoders only read.
-        (The original left them in training mode, so video patch dropout stayed on
-        silently; here that takes `cfg.frozen_patch_dropout`.)"""
+        """Frozen encoders stay in eval mode: the Q-Former trains, the encoders only read. The
+        one exception is the video tower of a `cfg.frozen_patch_dropout` model, which drops
+        patches in training as the authors' did (they left the encoders in training mode)."""
         super().train(mode)
         if self.freeze_encoders:
             self.audio_encoder.eval()
-            self.video_encoder.train(mode and self.cfg.frozen_patch_dropout)
+            self.video_encoder.train(mode and self.video_encoder.drop_patches_in_training)
         return self
 
     def num_params(self, trainable_only=False):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    # -- the memory the queries read ------------------------------------------------------
+    # -- the three steps: encode, memory, Q-Former ------------------------------------------
 
-    def encode(self, video=None, audio=None):
-        """Run the encoders: video (B, 3, T, H, W), audio (B, 3, mel, time), either may be None.
-        Returns (video_tokens (B, Nv, 1024) or None, audio_tokens (B, Na, 1024) or None); these
-        are what a frozen-feature cache stores."""
-        grad = torch.is_grad_enabled() and not self.freeze_encoders
-        with torch.set_grad_enabled(grad):
-            v = self.video_encoder(video)[0] if video is not None else None
-            a = self.audio_encoder(audio)[0] if audio is not None else None
-        return v, a
+    def encode(self, video=None, audio=None, video_tokens=None, audio_tokens=None):
+        """Step 1, the encoders, and the one place that takes either pixels or cached tokens.
+        Each modality comes as pixels (video (B, 3, T, H, W), audio (B, 3, mel, time)), as the
+        tokens this step returns (from a feature cache), or as None (absent from the batch).
+        Returns (video_tokens (B, Nv, cfg.video.width) or None, audio_tokens (B, Na,
+        cfg.audio.width) or None): what a feature cache stores."""
+        for name, pixels, tokens in (("video", video, video_tokens), ("audio", audio, audio_tokens)):
+            if pixels is not None and tokens is not None:
+                raise ValueError(f"{name} given twice: as pixels and as {name}_tokens")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoders):
+            if video is not None:
+                video_tokens = self.video_encoder(video)[0]
+            if audio is not None:
+                audio_tokens = self.audio_encoder(audio)[0]
+        return video_tokens, audio_tokens
 
     def memory(self, video_tokens=None, audio_tokens=None, video_mask=None, audio_mask=None):
-        """Concatenate projected video and audio tokens along the token axis. A clip whose
-        video (or audio) is missing has those tokens masked out of cross-attention.
+        """Step 2: each modality's tokens through its LayerNorm and projection, then
+        concatenated along the token axis. A clip whose video (or audio) is missing has those
+        tokens masked out of cross-attention.
         Returns memory (B, Nv+Na, W) and memory_mask (B, Nv+Na) or None when nothing is masked.
+        Step 3 is the Q-Former's: `self.Qformer.read_memory(self.query_tokens, memory, mask)`.
 
         A modality that is None (absent from the whole batch, or not read at all) still runs
         its LayerNorm and projection, on zero tokens: its parameters then get a zero gradient
@@ -675,52 +704,36 @@ class UniQ4Cap(nn.Module):
             raise ValueError("a clip in the batch has neither video nor audio")
         return torch.cat(parts, dim=1), None if memory_mask.all() else memory_mask
 
-    def encode_queries(self, video=None, audio=None, video_mask=None, audio_mask=None,
-                       video_tokens=None, audio_tokens=None):
-        """Encoders (unless their tokens are given, e.g. from a cache), memory, then the query
-        pass. Returns the queries' per-layer keys and values, what the text reads."""
-        return self.query_pass(*self.encode_memory(video, audio, video_mask, audio_mask,
-                                                   video_tokens, audio_tokens))
-
-    def encode_memory(self, video=None, audio=None, video_mask=None, audio_mask=None,
-                      video_tokens=None, audio_tokens=None):
-        if video_tokens is None and audio_tokens is None:
-            video_tokens, audio_tokens = self.encode(video, audio)
-        return self.memory(video_tokens, audio_tokens, video_mask, audio_mask)
-
-    def query_pass(self, memory, memory_mask=None):
-        queries = self.query_tokens.expand(memory.size(0), -1, -1)
-        return self.Qformer.encode_queries(queries, memory, memory_mask)
-
-    # -- training ---------------------------------------------------------------------------
+    # -- training and generation ------------------------------------------------------------
 
     def forward(self, video=None, audio=None, captions=None, caption_mask=None,
                 video_mask=None, audio_mask=None, video_tokens=None, audio_tokens=None):
-        """captions (B, T): [DEC] w1 ... wn [SEP] [PAD]...; caption_mask (B, T) marks real
-        tokens. Returns (logits (B, T, V), loss): position t predicts token t+1; padding and
-        the last position are ignored; label smoothing as in the paper."""
-        cache = self.encode_queries(video, audio, video_mask, audio_mask, video_tokens, audio_tokens)
-        logits, _ = self.Qformer.decode_text(captions, cache, caption_mask)
+        """Pixels or cached tokens as in `encode`, masks as in `memory`. captions (B, T):
+        [DEC] w1 ... wn [SEP] [PAD]...; caption_mask (B, T) marks real tokens. Returns
+        (logits (B, T, V), loss): position t predicts token t+1; padding and the last position
+        are ignored; label smoothing as in the paper."""
+        video_tokens, audio_tokens = self.encode(video, audio, video_tokens, audio_tokens)
+        memory, memory_mask = self.memory(video_tokens, audio_tokens, video_mask, audio_mask)
+        query_kv = self.Qformer.read_memory(self.query_tokens, memory, memory_mask)
+        logits, _ = self.Qformer.decode_text(captions, query_kv, caption_mask)
         targets = captions[:, 1:].clone()  # (B, T-1)
         if caption_mask is not None:
             targets[~caption_mask[:, 1:].bool()] = IGNORE_INDEX
         loss = caption_loss(logits[:, :-1], targets, self.cfg.label_smoothing)
         return logits, loss
 
-    # -- generation -------------------------------------------------------------------------
-
     @torch.no_grad()
     def generate(self, video=None, audio=None, video_mask=None, audio_mask=None, *,
                  video_tokens=None, audio_tokens=None, method="greedy", num_beams=5,
                  length_penalty=1.0, top_k=0, top_p=0.9, temperature=1.0, min_length=1,
                  max_length=30, repetition_penalty=1.0, num_captions=1, use_cache=True):
-        """Caption each clip. method: "greedy", "beam" (num_beams, length_penalty) or "sample"
-        (top_k and/or nucleus top_p, temperature). Lengths count the caption's tokens as HF's
-        generate does, the [DEC] start token included: at most max_length - 1 tokens are
-        generated ([SEP] among them), and [SEP] is blocked until the caption holds min_length
-        tokens (so the original's max_length=30, min_length=10 mean the same here). One
-        meaning everywhere: sample.py's and train_caption.py's --max-length / --min-length
-        pass straight through. repetition_penalty > 1 makes tokens
+        """Caption each clip (inputs as for `forward`). method: "greedy", "beam" (num_beams,
+        length_penalty) or "sample" (top_k and/or nucleus top_p, temperature). Lengths count
+        the caption's tokens as HF's generate does, the [DEC] start token included: at most
+        max_length - 1 tokens are generated ([SEP] among them), and [SEP] is blocked until the
+        caption holds min_length tokens (so the original's max_length=30, min_length=10 mean
+        the same here). One meaning everywhere: sample.py's and train_caption.py's
+        --max-length / --min-length pass straight through. repetition_penalty > 1 makes tokens
         already generated less likely (CTRL's rule). Returns token ids
         (B * num_captions, L) without the leading [DEC], padded after [SEP], the
         captions of clip b in rows b*num_captions ... (b+1)*num_captions - 1.
@@ -728,132 +741,69 @@ class UniQ4Cap(nn.Module):
         The encoders run once. With use_cache the queries also run once per clip and the
         text's keys and values are cached, so each step costs one token. use_cache=False
         recomputes the query pass and the whole text at every step, as a decoder without a
-        KV cache does (the reference the cached path is tested against)."""
-        memory, memory_mask = self.encode_memory(video, audio, video_mask, audio_mask,
-                                                 video_tokens, audio_tokens)
-        if method == "beam":
-            if num_captions > num_beams:
-                raise ValueError(f"num_captions ({num_captions}) > num_beams ({num_beams})")
-            step = _TextStepper(self, memory, memory_mask, num_beams, use_cache)
-            return self._beam_search(step, memory.size(0), num_beams, length_penalty,
-                                     min_length, max_length, repetition_penalty, num_captions)
-        if method not in ("greedy", "sample"):
+        KV cache does (the reference the cached path is tested against). The decoding
+        itself is section 6 (Generation)."""
+        if method not in ("greedy", "sample", "beam"):
             raise ValueError(f"unknown decoding method {method!r}")
-        q = self.cfg.qformer
-        B = memory.size(0) * num_captions
-        device = memory.device
-        seq = torch.full((B, 1), q.bos_token_id, dtype=torch.long, device=device)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        step = _TextStepper(self, memory, memory_mask, num_captions, use_cache)
-        for t in range(max_length - 1):  # the [DEC] already in `seq` counts
-            logits = self._adjust_logits(step(seq), seq, t, min_length, repetition_penalty)
-            if method == "greedy":
-                nxt = logits.argmax(dim=-1)
-            else:
-                probs = F.softmax(_filter_top_k_top_p(logits / temperature, top_k, top_p), dim=-1)
-                nxt = torch.multinomial(probs, 1)[:, 0]
-            nxt = nxt.masked_fill(finished, q.pad_token_id)  # finished captions only pad
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-            finished |= nxt == q.sep_token_id
-            if finished.all():
-                break
-        return seq[:, 1:]
-
-    def _adjust_logits(self, logits, seq, t, min_length, repetition_penalty):
-        """logits (N, V) of step t (0-based) given seq (N, 1+t) -> float32 logits to choose from.
-        [SEP] is blocked while the caption so far, [DEC] included, is shorter than min_length."""
-        logits = logits.float()
-        if repetition_penalty != 1.0 and seq.size(1) > 1:
-            prev = seq[:, 1:]
-            picked = logits.gather(1, prev)
-            picked = torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty)
-            logits = logits.scatter(1, prev, picked)
-        if t + 1 < min_length:  # t + 1 = seq.size(1), the caption so far with its [DEC]
-            logits[:, self.cfg.qformer.sep_token_id] = float("-inf")
-        return logits
-
-    def _beam_search(self, step, B, K, length_penalty, min_length, max_length,
-                     repetition_penalty, num_captions):
-        """Keep the K best partial captions per clip by summed log-probability; a caption that
-        emits [SEP] is set aside scored by sum / length**length_penalty. A clip is done once it
-        has K finished captions (or at max_length, [DEC] included, when its open beams are
-        finished too)."""
-        q = self.cfg.qformer
-        device = self.query_tokens.device
-        seq = torch.full((B * K, 1), q.bos_token_id, dtype=torch.long, device=device)
-        scores = torch.zeros(B, K, device=device)
-        scores[:, 1:] = float("-inf")  # all beams start equal: let only the first one expand
-        done = [[] for _ in range(B)]  # per clip: (score, tokens)
-        for t in range(max_length - 1):  # the [DEC] already in `seq` counts
-            logits = self._adjust_logits(step(seq), seq, t, min_length, repetition_penalty)
-            logp = F.log_softmax(logits, dim=-1)  # (B*K, V)
-            V = logp.size(-1)
-            cand = (scores[:, :, None] + logp.view(B, K, V)).view(B, K * V)
-            top_scores, top_idx = cand.topk(2 * K, dim=1)  # enough to refill K after [SEP]s
-            new_beam = torch.zeros(B, K, dtype=torch.long, device=device)
-            new_tok = torch.full((B, K), q.pad_token_id, dtype=torch.long, device=device)
-            new_scores = torch.full((B, K), float("-inf"), device=device)
-            for b in range(B):
-                n = 0
-                for s, idx in zip(top_scores[b].tolist(), top_idx[b].tolist()):
-                    beam, tok = divmod(idx, V)
-                    if s == float("-inf"):
-                        break
-                    if tok == q.sep_token_id:
-                        if len(done[b]) < K:
-                            tokens = seq[b * K + beam, 1:].tolist() + [tok]
-                            done[b].append((s / len(tokens) ** length_penalty, tokens))
-                        continue
-                    new_beam[b, n], new_tok[b, n], new_scores[b, n] = beam, tok, s
-                    n += 1
-                    if n == K:
-                        break
-                if len(done[b]) >= K:
-                    new_scores[b] = float("-inf")  # this clip is finished
-            rows = (new_beam + torch.arange(B, device=device)[:, None] * K).view(-1)
-            seq = torch.cat([seq[rows], new_tok.view(-1, 1)], dim=1)
-            step.reorder(rows)
-            scores = new_scores
-            if all(len(d) >= K for d in done):
-                break
-        for b in range(B):  # clips that ran out of length: their open beams count as finished
-            for k in range(K):
-                s = scores[b, k].item()
-                if s > float("-inf") and len(done[b]) < K:
-                    tokens = seq[b * K + k, 1:].tolist()
-                    done[b].append((s / len(tokens) ** length_penalty, tokens))
-        best = [sorted(d, key=lambda x: -x[0])[:num_captions] for d in done]
-        L = max(len(tokens) for d in best for _, tokens in d)
-        out = torch.full((B * num_captions, L), q.pad_token_id, dtype=torch.long, device=device)
-        for b, d in enumerate(best):
-            for i, (_, tokens) in enumerate(d):
-                out[b * num_captions + i, :len(tokens)] = torch.tensor(tokens, device=device)
-        return out
+        if method == "beam" and num_captions > num_beams:
+            raise ValueError(f"num_captions ({num_captions}) > num_beams ({num_beams})")
+        video_tokens, audio_tokens = self.encode(video, audio, video_tokens, audio_tokens)
+        memory, memory_mask = self.memory(video_tokens, audio_tokens, video_mask, audio_mask)
+        rows = num_beams if method == "beam" else num_captions  # captions decoded per clip
+        step = TextStepper(self, memory, memory_mask, rows, use_cache, min_length, repetition_penalty)
+        if method == "beam":
+            return beam_search(step, num_beams, max_length, length_penalty, num_captions)
+        return greedy_or_sample(step, max_length, method == "sample", top_k, top_p, temperature)
 
 
-class _TextStepper:
-    """Next-token logits for a batch of growing captions, each clip's memory repeated
-    `repeats` times (captions per clip, or beams). With use_cache the query pass runs once and
-    every layer's keys/values of the queries and of the text so far are kept, so only the
-    newest token is run; without, everything after the encoders is recomputed each step."""
+# -----------------------------------------------------------------------------
+# 6. Generation: the decoding behind UniQ4Cap.generate
 
-    def __init__(self, model, memory, memory_mask, repeats, use_cache):
-        self.model, self.use_cache = model, use_cache
+
+class TextStepper:
+    """The model's side of decoding: next-token logits for a batch of growing captions, each
+    clip's memory repeated `repeats` times (captions per clip, or beams), with generate's
+    length and repetition rules applied.
+
+    With use_cache the queries read the memory once, here in the constructor, and every
+    layer's keys/values of the queries and of the text so far are kept, so each step runs
+    only the newest token. Without, each step recomputes everything after the encoders:
+    the query pass and the whole text."""
+
+    def __init__(self, model, memory, memory_mask, repeats, use_cache, min_length=1,
+                 repetition_penalty=1.0):
+        self.qformer, self.query_tokens, self.use_cache = model.Qformer, model.query_tokens, use_cache
+        self.ids = model.cfg.qformer  # the special token ids
+        self.min_length, self.repetition_penalty = min_length, repetition_penalty
+        self.rows, self.device = memory.size(0) * repeats, memory.device
         if use_cache:
-            cache = model.query_pass(memory, memory_mask)
+            query_kv = self.qformer.read_memory(self.query_tokens, memory, memory_mask)
             self.cache = [(k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0))
-                          for k, v in cache]
+                          for k, v in query_kv]
         else:
             self.memory = memory.repeat_interleave(repeats, 0)
             self.memory_mask = None if memory_mask is None else memory_mask.repeat_interleave(repeats, 0)
 
+    def start(self):
+        """Every row's caption so far: just [DEC], (rows, 1)."""
+        return torch.full((self.rows, 1), self.ids.bos_token_id, dtype=torch.long, device=self.device)
+
     def __call__(self, seq):
+        """seq (rows, 1+t), [DEC] and t tokens -> float32 logits (rows, V) for token t+1."""
         if self.use_cache:
-            logits, self.cache = self.model.Qformer.decode_text(seq[:, -1:], self.cache)
+            logits, self.cache = self.qformer.decode_text(seq[:, -1:], self.cache)
         else:
-            query_cache = self.model.query_pass(self.memory, self.memory_mask)
-            logits, _ = self.model.Qformer.decode_text(seq, query_cache)
-        return logits[:, -1]
+            query_kv = self.qformer.read_memory(self.query_tokens, self.memory, self.memory_mask)
+            logits, _ = self.qformer.decode_text(seq, query_kv)
+        logits = logits[:, -1].float()
+        if self.repetition_penalty != 1.0 and seq.size(1) > 1:
+            prev = seq[:, 1:]
+            picked = logits.gather(1, prev)
+            picked = torch.where(picked > 0, picked / self.repetition_penalty, picked * self.repetition_penalty)
+            logits = logits.scatter(1, prev, picked)
+        if seq.size(1) < self.min_length:  # the caption so far, [DEC] included, is too short to end
+            logits[:, self.ids.sep_token_id] = float("-inf")
+        return logits
 
     def reorder(self, rows):
         """Beam search moved beams: row i now continues old row rows[i]."""
@@ -864,7 +814,7 @@ class _TextStepper:
             self.memory_mask = None if self.memory_mask is None else self.memory_mask[rows]
 
 
-def _filter_top_k_top_p(logits, top_k=0, top_p=1.0):
+def filter_top_k_top_p(logits, top_k=0, top_p=1.0):
     """Set to -inf every logit outside the top_k and outside the smallest set of tokens whose
     probability reaches top_p (the most likely token always stays)."""
     if top_k > 0:
@@ -879,8 +829,89 @@ def _filter_top_k_top_p(logits, top_k=0, top_p=1.0):
     return logits
 
 
+def greedy_or_sample(step, max_length, sample=False, top_k=0, top_p=1.0, temperature=1.0):
+    """One caption per row of `step`: each step takes the most likely token (greedy) or draws
+    one from the temperature-scaled probabilities left by `filter_top_k_top_p` (sample). A
+    caption that has emitted [SEP] only pads; decoding stops when all have, or at max_length
+    tokens, [DEC] included. Returns (rows, L) token ids without the [DEC]."""
+    ids = step.ids
+    seq = step.start()
+    finished = torch.zeros(seq.size(0), dtype=torch.bool, device=seq.device)
+    for _ in range(max_length - 1):  # the [DEC] already in `seq` counts
+        logits = step(seq)
+        if sample:
+            probs = F.softmax(filter_top_k_top_p(logits / temperature, top_k, top_p), dim=-1)
+            nxt = torch.multinomial(probs, 1)[:, 0]
+        else:
+            nxt = logits.argmax(dim=-1)
+        nxt = nxt.masked_fill(finished, ids.pad_token_id)  # finished captions only pad
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        finished |= nxt == ids.sep_token_id
+        if finished.all():
+            break
+    return seq[:, 1:]
+
+
+def beam_search(step, K, max_length, length_penalty, num_captions):
+    """Keep the K best partial captions per clip (`step` holds K rows per clip) by summed
+    log-probability; a caption that emits [SEP] is set aside scored by
+    sum / length**length_penalty. A clip is done once it has K finished captions (or at
+    max_length, [DEC] included, when its open beams are finished too). Returns the
+    num_captions best of each clip, (B * num_captions, L), as `greedy_or_sample` does."""
+    ids, device = step.ids, step.device
+    B = step.rows // K
+    seq = step.start()  # (B*K, 1)
+    scores = torch.zeros(B, K, device=device)
+    scores[:, 1:] = float("-inf")  # all beams start equal: let only the first one expand
+    done = [[] for _ in range(B)]  # per clip: (score, tokens)
+    for _ in range(max_length - 1):  # the [DEC] already in `seq` counts
+        logp = F.log_softmax(step(seq), dim=-1)  # (B*K, V)
+        V = logp.size(-1)
+        cand = (scores[:, :, None] + logp.view(B, K, V)).view(B, K * V)
+        top_scores, top_idx = cand.topk(2 * K, dim=1)  # enough to refill K after [SEP]s
+        new_beam = torch.zeros(B, K, dtype=torch.long, device=device)
+        new_tok = torch.full((B, K), ids.pad_token_id, dtype=torch.long, device=device)
+        new_scores = torch.full((B, K), float("-inf"), device=device)
+        for b in range(B):
+            n = 0
+            for s, idx in zip(top_scores[b].tolist(), top_idx[b].tolist()):
+                beam, tok = divmod(idx, V)
+                if s == float("-inf"):
+                    break
+                if tok == ids.sep_token_id:
+                    if len(done[b]) < K:
+                        tokens = seq[b * K + beam, 1:].tolist() + [tok]
+                        done[b].append((s / len(tokens) ** length_penalty, tokens))
+                    continue
+                new_beam[b, n], new_tok[b, n], new_scores[b, n] = beam, tok, s
+                n += 1
+                if n == K:
+                    break
+            if len(done[b]) >= K:
+                new_scores[b] = float("-inf")  # this clip is finished
+        rows = (new_beam + torch.arange(B, device=device)[:, None] * K).view(-1)
+        seq = torch.cat([seq[rows], new_tok.view(-1, 1)], dim=1)
+        step.reorder(rows)
+        scores = new_scores
+        if all(len(d) >= K for d in done):
+            break
+    for b in range(B):  # clips that ran out of length: their open beams count as finished
+        for k in range(K):
+            s = scores[b, k].item()
+            if s > float("-inf") and len(done[b]) < K:
+                tokens = seq[b * K + k, 1:].tolist()
+                done[b].append((s / len(tokens) ** length_penalty, tokens))
+    best = [sorted(d, key=lambda x: -x[0])[:num_captions] for d in done]
+    L = max(len(tokens) for d in best for _, tokens in d)
+    out = torch.full((B * num_captions, L), ids.pad_token_id, dtype=torch.long, device=device)
+    for b, d in enumerate(best):
+        for i, (_, tokens) in enumerate(d):
+            out[b * num_captions + i, :len(tokens)] = torch.tensor(tokens, device=device)
+    return out
+
+
 # -----------------------------------------------------------------------------
-# 6. Tokenizer
+# 7. Tokenizer
 
 
 class Tokenizer:
@@ -893,7 +924,6 @@ class Tokenizer:
     SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
     def __init__(self, tok):
-        from tokenizers import AddedToken
         self.tok = tok
         self.tok.add_special_tokens([AddedToken("[DEC]", special=True)])
         self.pad_id = tok.token_to_id("[PAD]")
@@ -910,7 +940,6 @@ class Tokenizer:
         tokenizer does: an uncased vocabulary read without lower-casing would turn every
         capitalised word into [UNK]. Without that setting, a vocabulary with no upper-case
         entry is taken as uncased, and stderr says which was chosen."""
-        from tokenizers import BertWordPieceTokenizer
         folder = bert_folder(name)
         path = os.path.join(folder, "vocab.txt")
         if not os.path.exists(path):
@@ -938,10 +967,6 @@ class Tokenizer:
         `vocab_size`. Built by rule rather than by the tokenizers library's trainer, whose
         pieces and ids change from one call to the next (ties broken by hash order), so the
         same captions always give the same ids and a run with the same seed trains the same."""
-        from collections import Counter
-
-        from tokenizers import BertWordPieceTokenizer
-        from tokenizers.pre_tokenizers import BertPreTokenizer
         split = BertPreTokenizer().pre_tokenize_str  # BERT's word and punctuation split
         counts = Counter(w for c in captions for w, _ in split(c))
         chars = sorted({ch for w in counts for ch in w})
@@ -954,13 +979,11 @@ class Tokenizer:
     @classmethod
     def load(cls, path):
         """A tokenizer saved by `save` (a tokenizers JSON file)."""
-        from tokenizers import Tokenizer as HFTokenizer
         return cls(HFTokenizer.from_file(path))
 
     @classmethod
     def from_string(cls, text):
         """A tokenizer stored inside a checkpoint (`Tokenizer.tok.to_str()`)."""
-        from tokenizers import Tokenizer as HFTokenizer
         return cls(HFTokenizer.from_str(text))
 
     def save(self, path):
@@ -994,7 +1017,7 @@ class Tokenizer:
 
 
 # -----------------------------------------------------------------------------
-# 7. Loading the official checkpoints by name mapping (DESIGN.md section 5)
+# 8. Loading the official checkpoints by name mapping (DESIGN.md section 5)
 #
 # Each loader reads one file into a plain state dict (`read_state_dict`), then a `map_*`
 # function renames and reshapes it into this model's names and hands it to `assign`, which

@@ -161,7 +161,7 @@ def main(argv=None):
     # audio_encoder, and tells LanguageBind's files from the authors' video.pth / audio.pth
     M.load_pretrained(aligner, video=args.video_init, audio=args.audio_init)
     set_trainable(aligner, mode, args.last_k)
-    aligner.video_encoder.patch_dropout = args.patch_dropout
+    aligner.video_encoder.drop_patches_in_training = args.patch_dropout
     aligner.to(device)
     model = T.training_handle(aligner, args.compile, ddp, device)
     optimizer = T.make_optimizer(aligner, args.lr, args.weight_decay, device_type=device.type)

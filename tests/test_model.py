@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from model import UniQ4Cap, _filter_top_k_top_p, set_attention_impl, tiny_config
+from model import UniQ4Cap, filter_top_k_top_p, set_attention_impl, tiny_config
 
 
 def make_batch(cfg, B=2, T=9, seed=0):
@@ -19,6 +19,12 @@ def make_batch(cfg, B=2, T=9, seed=0):
     captions[:, 0] = q.bos_token_id
     captions[:, -1] = q.sep_token_id
     return video, audio, captions, torch.ones(B, T, dtype=torch.bool)
+
+
+def query_kv(model, video, audio):
+    """forward's first three steps: encode, memory, the queries read it -> per layer (k, v)."""
+    memory, memory_mask = model.memory(*model.encode(video, audio))
+    return model.Qformer.read_memory(model.query_tokens, memory, memory_mask)
 
 
 @pytest.fixture
@@ -40,7 +46,7 @@ def test_module_shapes(model):
     memory, memory_mask = model.memory(v, a)
     assert memory.shape == (2, v.size(1) + a.size(1), cfg.qformer.encoder_width)
     assert memory_mask is None
-    cache = model.encode_queries(video, audio)
+    cache = model.Qformer.read_memory(model.query_tokens, memory, memory_mask)
     head_dim = cfg.qformer.hidden // cfg.qformer.heads
     assert len(cache) == cfg.qformer.layers
     assert cache[0][0].shape == (2, cfg.qformer.heads, cfg.qformer.num_query_tokens, head_dim)
@@ -100,8 +106,8 @@ def test_query_cache_does_not_depend_on_text(model):
     """The queries run before (and without) any text: their cached keys/values are a
     function of the memory alone, so the text can only read them."""
     video, audio, captions, mask = make_batch(model.cfg)
-    cache1 = model.encode_queries(video, audio)
-    cache2 = model.encode_queries(video, audio)
+    cache1 = query_kv(model, video, audio)
+    cache2 = query_kv(model, video, audio)
     # and the text pass leaves the query cache untouched: text keys are appended after it
     _, grown = model.Qformer.decode_text(captions, cache1, mask)
     Q = model.cfg.qformer.num_query_tokens
@@ -121,18 +127,18 @@ def every_layer_reading_the_memory():
 
 @pytest.mark.parametrize("layout", ["tiny", "cross-attention in the last layer"])
 def test_query_pass_skips_only_what_no_text_reads(model, layout):
-    """encode_queries stops at the last layer's query keys and values; running that layer's
+    """read_memory stops at the last layer's query keys and values; running that layer's
     whole query path (self-attention output, cross-attention, FFN) gives the same cache."""
     if layout != "tiny":
         model = every_layer_reading_the_memory()
     video, audio, _, _ = make_batch(model.cfg)
-    memory, memory_mask = model.encode_memory(video, audio, audio_mask=torch.tensor([True, False]))
+    memory, memory_mask = model.memory(*model.encode(video, audio), audio_mask=torch.tensor([True, False]))
     x = model.Qformer.bert.embeddings(queries=model.query_tokens.expand(2, -1, -1))
     full = []
     for layer in model.Qformer.bert.encoder.layer:
         x, kv = layer.forward_queries(x, memory, memory_mask[:, None, None, :])
         full.append(kv)
-    for (k, v), (fk, fv) in zip(model.query_pass(memory, memory_mask), full):
+    for (k, v), (fk, fv) in zip(model.Qformer.read_memory(model.query_tokens, memory, memory_mask), full):
         assert torch.equal(k, fk) and torch.equal(v, fv)
 
 
@@ -186,6 +192,18 @@ def test_every_trained_parameter_gets_a_gradient_whatever_the_batch_lacks(lacks)
         assert (proj.weight.grad.abs().sum() == 0) == (proj is missing)
 
 
+def test_each_modality_comes_as_pixels_or_as_cached_tokens(model):
+    """`encode` is the one place that takes either: cached video tokens beside audio pixels
+    give the captioner the same memory as both pixels; one modality given both ways is an error."""
+    video, audio, captions, mask = make_batch(model.cfg)
+    v, _ = model.encode(video)
+    logits, _ = model(video, audio, captions, mask)
+    mixed, _ = model(audio=audio, video_tokens=v, captions=captions, caption_mask=mask)
+    assert torch.equal(mixed, logits)
+    with pytest.raises(ValueError, match="video given twice"):
+        model(video, captions=captions, video_tokens=v)
+
+
 def test_missing_audio_is_masked_not_noise(model):
     """A clip without audio gives the same captions whatever its (zero-filled) audio holds."""
     video, audio, captions, mask = make_batch(model.cfg)
@@ -223,11 +241,11 @@ def test_nucleus_filter_always_keeps_the_most_likely_token():
     top_p 0.7 keeps the smallest set whose mass reaches it."""
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 0.0]])
     for top_p in (0.0, 1e-6):
-        kept = torch.isfinite(_filter_top_k_top_p(logits, top_p=top_p))
+        kept = torch.isfinite(filter_top_k_top_p(logits, top_p=top_p))
         assert kept.tolist() == [[False, True, False, False], [False, False, True, False]]
     probs = logits[0].softmax(-1)  # 0.09 0.64 0.24 0.03: the best alone is short of 0.7
     assert probs[1] < 0.7 < probs[1] + probs[2]
-    assert torch.isfinite(_filter_top_k_top_p(logits[:1], top_p=0.7)).tolist() == [[False, True, True, False]]
+    assert torch.isfinite(filter_top_k_top_p(logits[:1], top_p=0.7)).tolist() == [[False, True, True, False]]
 
 
 def test_repetition_penalty_applies(model):
