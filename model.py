@@ -23,7 +23,7 @@ import os
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
