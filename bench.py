@@ -275,6 +275,9 @@ def main():
 
     torch.manual_seed(0)
     cfg = M.full_config()
+    # every row reads the whole memory, as a --cache-features run does: the paper's frozen
+    # patch dropout (half the video patches in training) would make the rows compare unlike steps
+    cfg.frozen_patch_dropout = False
     net = M.UniQ4Cap(cfg).to(device)
     dtypes = [torch.float32, torch.bfloat16]
     if want("qformer-step"):
