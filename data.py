@@ -46,7 +46,9 @@ class MediaError(Exception):
 # 1. Decoding
 
 
-def _open(path):
+def open_media(path):
+    """PyAV's container for `path`, or a MediaError saying why not (missing, empty, not
+    something FFmpeg can open)."""
     if not os.path.exists(path):
         raise MediaError(path, "missing file")
     if os.path.getsize(path) == 0:
@@ -114,7 +116,7 @@ def read_video_frames(path, num_frames):
     """uint8 (T, H, W, 3) at uniformly spaced frame indices. Only the chosen frames are
     converted to RGB; when the next wanted frame lies past a later key frame the decoder
     seeks there instead of decoding everything in between."""
-    container = _open(path)
+    container = open_media(path)
     try:
         why = not_a_video(container)
         if why:
@@ -161,7 +163,7 @@ def read_video_frames(path, num_frames):
 def _read_in_order(path, wanted):
     """One decoding pass from the start, converting only the frames at the `wanted` times
     (each the first frame at or after its time): the fallback where seeking is not exact."""
-    container = _open(path)
+    container = open_media(path)
     targets, frames = sorted(set(wanted)), {}
     try:
         for frame in container.decode(video=0):
@@ -184,7 +186,7 @@ def _read_in_order(path, wanted):
 def read_video_frames_decode_all(path, num_frames):
     """The simple way, kept as the benchmark's baseline: decode and convert every frame,
     then pick."""
-    container = _open(path)
+    container = open_media(path)
     try:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     except av.FFmpegError as e:
@@ -211,7 +213,7 @@ def read_audio(path, sample_rate=SAMPLE_RATE):
     as floats (16-bit PCM becomes x / 32768), and a rate other than `sample_rate` is resampled
     with `torchaudio.functional.resample` and its default windowed-sinc filter, not FFmpeg's."""
     source = audio_source(path)
-    container = _open(source)
+    container = open_media(source)
     try:
         if not container.streams.audio:
             return None

@@ -15,8 +15,9 @@ and bert-base-cased's vocabulary. A folder is captioned file by file: every file
 open with a video stream, whatever its extension, except still pictures (a `<stem>.wav`
 beside a video is that video's soundtrack, not a file to caption); the others are listed on
 stderr as not readable as videos. A video without a soundtrack is captioned from its frames
-alone (the audio tokens are masked out), and stderr says so (stdout holds only captions). A named file that cannot be read gives a one-line error naming
-it and a non-zero exit code. Lengths count tokens as HF's generate does, [DEC] included.
+alone (the audio tokens are masked out), and stderr says so (stdout holds only captions). A
+named file that cannot be read gives a one-line error naming it and a non-zero exit code.
+Lengths count tokens as HF's generate does, [DEC] included.
 """
 
 import argparse
@@ -24,7 +25,6 @@ import json
 import os
 import sys
 
-import av
 import torch
 
 import data
@@ -95,10 +95,11 @@ def video_stream_problem(path):
     """None when PyAV opens `path` as a video (data.not_a_video: a video stream, and no
     still picture), else why not."""
     try:
-        with av.open(path) as container:
-            return data.not_a_video(container)
-    except (av.FFmpegError, UnicodeDecodeError, OSError) as e:
-        return f"cannot open ({type(e).__name__})"
+        container = data.open_media(path)
+    except data.MediaError as e:
+        return e.reason
+    with container:
+        return data.not_a_video(container)
 
 
 def list_videos(paths):

@@ -66,12 +66,13 @@ RECIPE = {
     "frozen_patch_dropout": {"full": True, "tiny": False},
 }
 # why the tiny preset's defaults differ from the paper's (printed at start)
+TINY_SCHEDULE = "the tiny recipe: a few thousand steps, measured in the README's results"
 TINY_REASONS = {
     "batch_size": "the tiny recipe, per process; the paper: 16 per GPU on 8 GPUs",
-    "lr": "the tiny recipe: a few thousand steps, measured in the README's results",
-    "warmup_lr": "the tiny recipe: a few thousand steps, measured in the README's results",
-    "warmup_steps": "the tiny recipe: a few thousand steps, measured in the README's results",
-    "min_lr": "the tiny recipe: a few thousand steps, measured in the README's results",
+    "lr": TINY_SCHEDULE,
+    "warmup_lr": TINY_SCHEDULE,
+    "warmup_steps": TINY_SCHEDULE,
+    "min_lr": TINY_SCHEDULE,
     "clip": "the tiny recipe, measured in the README's results",
     "max_steps": "minutes on a CPU",
     "modality_dropout": "without it the tiny model learns the audio facts and ignores the frames",
