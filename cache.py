@@ -1,20 +1,27 @@
-"""The frozen-feature cache for stage 2 (`train_caption.py --cache-features`).
+"""Caches of what does not change between epochs: the frozen encoders' outputs in stage 2
+(`train_caption.py --cache-features`) and the decoded, preprocessed inputs in stage 1
+(`train_align.py --cache-inputs`).
 
 In stage 2 the encoders are frozen, so with evaluation-mode preprocessing (no flip, the
 middle audio chunks) a clip's encoder outputs never change: they are computed once, stored
 on disk in fp16, and training then runs only the Q-Former. At the paper's shapes the frozen
 encoders are most of a step's FLOPs, so this is the largest speed-up stage 2 has; the price
 is the training augmentation (random flip, random audio chunk), which a cache cannot keep.
+In stage 1 the encoders learn, but decoding a clip and computing its spectrogram is most of
+a tiny step's time: the same cache, holding the encoders' inputs instead of their outputs
+(`inputs=True`), decodes each clip once; the flip is applied to the cached pixels in
+training, and only the random choice of audio chunks is given up.
 
-Layout, one folder per (encoder weights, preprocessing, modalities, clip list):
+Layout, one folder per (encoder weights or "inputs", preprocessing, modalities, clip list):
 
     <root>/<key>/video.npy   (N, Nv, Dv) fp16, memory-mapped   Nv = frames * (patches + 1)
-    <root>/<key>/audio.npy   (N, Na, Da) fp16, memory-mapped
+                             (inputs: (N, 3, frames, size, size))
+    <root>/<key>/audio.npy   (N, Na, Da) fp16, memory-mapped   (inputs: (N, 3, mel, length))
     <root>/<key>/state.npy   (N,) int8: TODO, OK, NO_AUDIO or UNREADABLE
     <root>/<key>/files.npy   (N, 4) int64: (size, mtime_ns) of the file and of its sidecar .wav
     <root>/<key>/errors-<rank>.json   why the unreadable clips failed
 
-`key` hashes everything the features depend on except the media files themselves; each
+`key` hashes everything the entries depend on except the media files themselves; each
 entry also remembers the files it was computed from (the clip and a sidecar .wav), and an
 entry whose files changed since is computed again. Entries are written as they are computed, so an interrupted build loses
 nothing: the next run finishes what is missing.
@@ -82,12 +89,15 @@ class FeatureCache(torch.utils.data.Dataset):
     the model takes them as `video_tokens` / `audio_tokens`. One row per media file: records
     that share a clip (several captions of one video) share its row."""
 
-    def __init__(self, root, dataset: data.AVCaptionDataset, cfg, fingerprint):
+    def __init__(self, root, dataset: data.AVCaptionDataset, cfg, fingerprint, inputs=False, flip=False):
         if dataset.train:
             raise ValueError("a feature cache needs evaluation-mode preprocessing (train=False): "
                              "training augmentation would be frozen into the cache")
-        if cfg.frozen_patch_dropout:
+        if cfg.frozen_patch_dropout and not inputs:
             raise ValueError("frozen_patch_dropout makes the encoder outputs random: they cannot be cached")
+        # flip (inputs only): training's random flip, applied to the cached frames with the
+        # draw the dataset would have made (its item_generator), so it matches decoding
+        self.inputs, self.flip = inputs, flip and inputs
         self.dataset = dataset
         self.modalities = [m for m in ("video", "audio") if m in dataset.modalities]
         first = {}  # clip id -> its first record
@@ -99,8 +109,12 @@ class FeatureCache(torch.utils.data.Dataset):
         self.row = [row_of[r["id"]] for r in dataset.records]  # record -> cache row
         self.dir = os.path.join(root, cache_key(fingerprint, dataset.media, dataset.modalities, self.clips))
         n = len(self.clips)
-        self.shapes = {"video": (n, cfg.video.num_frames * cfg.video.tokens_per_frame, cfg.video.width),
-                       "audio": (n, cfg.audio.tokens_per_frame, cfg.audio.width)}
+        if inputs:  # what data.preprocess_video / preprocess_audio return
+            self.shapes = {"video": (n, cfg.video.num_channels, cfg.video.num_frames, *cfg.video.image_size),
+                           "audio": (n, cfg.audio.num_channels, *cfg.audio.image_size)}
+        else:
+            self.shapes = {"video": (n, cfg.video.num_frames * cfg.video.tokens_per_frame, cfg.video.width),
+                           "audio": (n, cfg.audio.tokens_per_frame, cfg.audio.width)}
         self._arrays = None  # opened lazily, once per process (data loader workers included)
         self._errors = None
 
@@ -146,7 +160,8 @@ class FeatureCache(torch.utils.data.Dataset):
 
     @torch.no_grad()
     def build(self, net, device, ctx, batch_size, num_workers=0, rank=0, world=1, desc="cache"):
-        """Compute the missing rows; each rank takes every world-th one. Returns how many rows
+        """Compute the missing rows (`net.encode`'s outputs; the inputs themselves, and no
+        `net`, for an inputs cache); each rank takes every world-th one. Returns how many rows
         were computed (by all ranks) once the cache is complete. Rows are flushed batch by
         batch, so an interrupted build keeps what it wrote."""
         if rank == 0:
@@ -159,8 +174,10 @@ class FeatureCache(torch.utils.data.Dataset):
         mine = todo[rank::world]
         T.print0(f"{desc}: computing the encoder outputs of {len(todo)} of {len(self.clips)} clips into {self.dir}")
         a, errors = self.arrays(), dict(self.errors())
-        was_training = net.training
-        net.eval()
+        encode = (lambda v, au: (v, au)) if self.inputs else net.encode
+        was_training = net is not None and net.training
+        if net is not None:
+            net.eval()
         chunks = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]  # cache rows
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=[[self.first_record[k] for k in c] for c in chunks],
                                              num_workers=num_workers, collate_fn=data.collate)
@@ -170,8 +187,8 @@ class FeatureCache(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             for rows, batch in zip(chunks, loader):
                 with ctx:
-                    v, au = net.encode(None if batch["video"] is None else batch["video"].to(device),
-                                       None if batch["audio"] is None else batch["audio"].to(device))
+                    v, au = encode(None if batch["video"] is None else batch["video"].to(device),
+                                   None if batch["audio"] is None else batch["audio"].to(device))
                 read = set(batch["ids"])
                 good = [k for k in rows if self.clips[k] in read]  # collate keeps the order
                 bad = [k for k in rows if self.clips[k] not in read]
@@ -194,7 +211,8 @@ class FeatureCache(torch.utils.data.Dataset):
                 bar.update(len(rows))
         bar.close()
         self._errors = None  # read again: other ranks may have added theirs
-        net.train(was_training)
+        if net is not None:
+            net.train(was_training)
         if dist.is_initialized():
             dist.barrier()
         return len(todo)
@@ -219,7 +237,7 @@ class FeatureCache(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def set_epoch(self, epoch):
-        pass  # nothing random is left to draw
+        self.dataset.set_epoch(epoch)  # the flips' draws; nothing else random is left
 
     def __getitem__(self, i):
         a = self.arrays()
@@ -234,6 +252,8 @@ class FeatureCache(torch.utils.data.Dataset):
                 "path": self.media_path(k)}
         if "video" in self.modalities:
             item["video"] = torch.from_numpy(np.array(a["video"][k]))  # a copy out of the map
+            if self.flip and torch.rand((), generator=self.dataset.item_generator(i)) < 0.5:
+                item["video"] = item["video"].flip(-1)  # (3, T, H, W): as data.preprocess_video
         if "audio" in self.modalities:
             item["audio_missing"] = state == NO_AUDIO
             if state == OK:

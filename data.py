@@ -18,6 +18,7 @@ audio-visual dataset (DESIGN.md section 4).
 import json
 import math
 import os
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -527,6 +528,10 @@ class AVCaptionDataset(torch.utils.data.Dataset):
         whatever worker loads the item."""
         self.epoch = epoch
 
+    def item_generator(self, i):
+        """Item i's random draws in this epoch, in order: the flip, then the audio chunks."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+
     def media_path(self, clip_id):
         return os.path.join(self.data_dir, f"{clip_id}.mp4")
 
@@ -534,7 +539,7 @@ class AVCaptionDataset(torch.utils.data.Dataset):
         rec = self.records[i]
         path = self.media_path(rec["id"])
         m = self.media
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+        g = self.item_generator(i)
         item = {"id": rec["id"], "caption": rec[self.caption_field], "record": rec, "path": path}
         try:
             if self.modalities != "audio":
@@ -624,32 +629,45 @@ class SkipTracker:
 # -----------------------------------------------------------------------------
 # 4. The embedded audio-visual dataset
 #
-# Each clip shows one coloured shape moving across a dark frame while it sounds a tone, over
-# a background sound. Colour and direction are only visible; the background is only audible;
-# the shape is both seen and heard (it sets the tone's pitch), which is what stage 1 aligns.
+# Each clip shows one coloured shape moving over a dark background while it sounds a tone,
+# over a background sound. Colour is only visible; the background is only audible; the shape
+# and its motion are both seen and heard: the shape sets the tone's pitch, and the tone
+# glides up or down half an octave as the shape moves up or down, or swells or fades as it
+# comes closer or goes away. Those four are the caption's attributes. What ties *this* video to *this* soundtrack is a third shared thing,
+# never captioned: the clip is cut into EVENT_SLOTS equal slots, and in a random 2 to 6 of
+# them the scene flashes (the background lights up) while a burst of crackle sounds, with
+# one per-clip strength for both (brighter flash, louder crackle). 238 flash patterns times
+# 3 shapes: only an encoder pair that matches the two in time, clip by clip, retrieves a
+# clip's own soundtrack among 300. The tiny preset samples one frame per slot, and its
+# audio window (208 fbank frames) holds the whole 2 s clip (203 frames as decoded), so the
+# three-chunk rule takes the whole clip three times and no slot is cut or shifted.
 
 ATTRIBUTES = {
-    "shape": ["circle", "square", "triangle"],
+    "shape": ["circle", "cross", "triangle"],
     "colour": ["red", "green", "blue", "yellow"],
-    "direction": ["up", "down", "closer", "away"],
+    "motion": ["up", "down", "closer", "away"],
     "background": ["rain", "hum", "birds", "silence"],
 }
-VIDEO_ONLY_ATTRIBUTES = ["colour", "direction"]
+VIDEO_ONLY_ATTRIBUTES = ["colour"]
 AUDIO_ONLY_ATTRIBUTES = ["background"]
-CROSS_MODAL_ATTRIBUTES = ["shape"]
-PITCH = {"circle": ("low", 330.0), "square": ("middle", 880.0), "triangle": ("high", 2000.0)}
+CROSS_MODAL_ATTRIBUTES = ["shape", "motion"]
+PITCH = {"circle": ("low", 330.0), "cross": ("middle", 880.0), "triangle": ("high", 2000.0)}
 RGB = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 220, 40)}
 BACKGROUND_PHRASE = {"rain": "rain in the background", "hum": "a hum in the background",
                      "birds": "birds singing in the background", "silence": "no background sound"}
 CLIP_SECONDS, FPS, SIZE = 2.0, 8, 64
+EVENT_SLOTS = 8  # = the tiny preset's frames: frame t of the 8 sampled lies in slot t
+# Bumped whenever the clips change, so a copy made by older code is rebuilt, never mixed:
+# 1 had no events and 4 frames' worth of slots; 2 adds the flash/crackle events.
+DATASET_VERSION = 2
 DEFAULT_EMBEDDED_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "embedded")
 SPLITS = {"train": 2400, "val": 300, "test": 300}
 
 
 def captions_for(a):
     bg = BACKGROUND_PHRASE[a["background"]]
-    return {"caption": f"a {a['colour']} {a['shape']} moves {a['direction']} with {bg}",
-            "caption_video": f"a {a['colour']} {a['shape']} moves {a['direction']}",
+    return {"caption": f"a {a['colour']} {a['shape']} moves {a['motion']} with {bg}",
+            "caption_video": f"a {a['colour']} {a['shape']} moves {a['motion']}",
             "caption_audio": f"a {PITCH[a['shape']][0]} tone sounds with {bg}"}
 
 
@@ -662,7 +680,7 @@ def parse_attributes(caption):
         hits = {v for v in values if v in words} if name != "background" else set()
         if name == "shape":
             hits |= {s for s, (word, _) in PITCH.items() if f"{word} tone" in caption.lower()}
-        if name == "direction":
+        if name == "motion":
             hits = {v for v in values if f"moves {v}" in caption.lower()}
         if name == "background":
             hits = {v for v, phrase in BACKGROUND_PHRASE.items() if phrase in caption.lower()}
@@ -670,24 +688,44 @@ def parse_attributes(caption):
     return found
 
 
-def _draw_frames(a, rng):
+def draw_events(rng):
+    """The clip's flash pattern, a tuple of EVENT_SLOTS booleans with 2 to 6 set (so every
+    clip has quiet slots to hear its background in, and lit ones), and its strength in
+    [0, 1]."""
+    while True:
+        slots = rng.random(EVENT_SLOTS) < 0.5
+        if 2 <= slots.sum() <= EVENT_SLOTS - 2:
+            return tuple(bool(s) for s in slots), float(rng.uniform(0, 1))
+
+
+def slot_of_frame(t, num_frames):
+    """The event slot frame t of `num_frames` (at FPS over CLIP_SECONDS) lies in."""
+    return t * EVENT_SLOTS // num_frames
+
+
+def _draw_frames(a, events, rng):
     """uint8 (T, SIZE, SIZE, 3): the shape moving up or down, or growing (closer) or
-    shrinking (away). No left/right: training's random horizontal flip would contradict the
-    caption, and every shape is left-right symmetric for the same reason."""
+    shrinking (away), over a background that lights up in the event slots. No left/right:
+    training's random horizontal flip would contradict the caption, and every shape is
+    left-right symmetric for the same reason."""
     T = int(CLIP_SECONDS * FPS)
+    slots, strength = events
     colour = np.clip(np.array(RGB[a["colour"]]) + rng.integers(-20, 21, 3), 0, 255)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     base = rng.integers(20, 50)  # background brightness
+    flash = base + int(60 + 100 * strength)  # a lit slot's background
     lane = rng.uniform(20, SIZE - 20)
-    if a["direction"] in ("up", "down"):
-        r0 = r1 = 11.0  # large enough to fill a patch or more at the tiny preset's 32x32
-        y0, y1 = rng.uniform(12, 18), rng.uniform(SIZE - 18, SIZE - 12)
-        if a["direction"] == "up":
+    # sizes that keep the shape legible at the tiny preset's 32x32, where a patch is 16x16
+    # of these pixels: at least 8 pixels of radius (4 at 32x32)
+    if a["motion"] in ("up", "down"):
+        r0 = r1 = 14.0
+        y0, y1 = rng.uniform(14, 19), rng.uniform(SIZE - 19, SIZE - 14)
+        if a["motion"] == "up":
             y0, y1 = y1, y0
     else:
         y0 = y1 = rng.uniform(26, SIZE - 26)
-        r0, r1 = rng.uniform(5, 7), rng.uniform(17, 20)
-        if a["direction"] == "away":
+        r0, r1 = rng.uniform(8, 10), rng.uniform(21, 24)
+        if a["motion"] == "away":
             r0, r1 = r1, r0
     frames = np.empty((T, SIZE, SIZE, 3), dtype=np.uint8)
     for t in range(T):
@@ -696,22 +734,29 @@ def _draw_frames(a, rng):
         dx, dy = xx - lane, yy - cy
         if a["shape"] == "circle":
             mask = dx ** 2 + dy ** 2 <= r ** 2
-        elif a["shape"] == "square":
-            mask = (np.abs(dx) <= 0.8 * r) & (np.abs(dy) <= 0.8 * r)
+        elif a["shape"] == "cross":  # a plus sign: a square was too like the circle at 32x32
+            mask = ((np.abs(dx) <= r) & (np.abs(dy) <= 0.4 * r)) | ((np.abs(dx) <= 0.4 * r) & (np.abs(dy) <= r))
         else:  # a triangle pointing up
             mask = (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
-        img = np.full((SIZE, SIZE, 3), base, dtype=np.uint8)
+        img = np.full((SIZE, SIZE, 3), flash if slots[slot_of_frame(t, T)] else base, dtype=np.uint8)
         img[mask] = colour
         frames[t] = img
     return frames
 
 
-def _synth_audio(a, rng):
-    """float32 (N,) at 16 kHz: the shape's tone (with a little vibrato) over the background."""
+def _synth_audio(a, events, rng):
+    """float32 (N,) at 16 kHz: the shape's tone (with a little vibrato), following its
+    motion, over the background, and a burst of crackle (white noise) in each event slot,
+    0.2 s from the slot's start. The glides stay within the shape's own pitch band: the
+    bands (about 320-480, 600-1,280 and 1,380-2,900 Hz) do not overlap."""
     n = int(CLIP_SECONDS * SAMPLE_RATE)
     t = np.arange(n) / SAMPLE_RATE
-    freq = PITCH[a["shape"]][1] * rng.uniform(0.97, 1.03)
-    tone = 0.25 * np.sin(2 * np.pi * freq * t + 0.3 * np.sin(2 * np.pi * 5 * t))
+    along = t / CLIP_SECONDS  # 0 -> 1 over the clip, as the frames' motion
+    octaves = {"up": 0.5 * along, "down": -0.5 * along}.get(a["motion"], 0 * along)
+    freq = PITCH[a["shape"]][1] * rng.uniform(0.97, 1.03) * 2 ** octaves  # (N,) Hz
+    loud = {"closer": 0.08 + 0.27 * along, "away": 0.35 - 0.27 * along}.get(a["motion"], 0.25 + 0 * along)
+    phase = 2 * np.pi * np.cumsum(freq) / SAMPLE_RATE  # a gliding tone: the integral of its frequency
+    tone = loud * np.sin(phase + 0.3 * np.sin(2 * np.pi * 5 * t))
     bg = np.zeros(n)
     if a["background"] == "rain":
         bg = rng.normal(0, 0.06, n)
@@ -724,7 +769,14 @@ def _synth_audio(a, rng):
             tt = t[s:e] - t[s]
             f = rng.uniform(3500, 4500) + 4000 * tt  # an upward chirp
             bg[s:e] += 0.12 * np.sin(2 * np.pi * f * tt) * np.hanning(e - s)
-    return (tone + bg).astype(np.float32)
+    slots, strength = events
+    slot_len, burst_len = n // EVENT_SLOTS, int(0.2 * SAMPLE_RATE)
+    ramp = np.minimum(1, np.minimum(np.arange(burst_len), np.arange(burst_len)[::-1]) / 80)  # 5 ms edges
+    crackle = np.zeros(n)
+    for k, lit in enumerate(slots):
+        if lit:
+            crackle[k * slot_len:k * slot_len + burst_len] = rng.normal(0, 0.1 + 0.2 * strength, burst_len) * ramp
+    return (tone + bg + crackle).astype(np.float32)
 
 
 def write_clip(path, frames, wave, fps=FPS, sample_rate=SAMPLE_RATE):
@@ -777,8 +829,10 @@ def _make_one(job):
     root, clip_id, seed, index = job
     rng = np.random.default_rng([seed, index])
     a = {name: values[rng.integers(len(values))] for name, values in ATTRIBUTES.items()}
-    write_clip(os.path.join(root, f"{clip_id}.mp4"), _draw_frames(a, rng), _synth_audio(a, rng))
-    return {"id": clip_id, **captions_for(a), "attributes": a}
+    events = draw_events(rng)
+    write_clip(os.path.join(root, f"{clip_id}.mp4"), _draw_frames(a, events, rng), _synth_audio(a, events, rng))
+    return {"id": clip_id, **captions_for(a), "attributes": a,
+            "events": {"slots": [int(x) for x in events[0]], "strength": round(events[1], 4)}}
 
 
 def make_embedded_dataset(root, splits=None, seed=0, workers=2, progress=True):
@@ -789,6 +843,10 @@ def make_embedded_dataset(root, splits=None, seed=0, workers=2, progress=True):
     from tqdm import tqdm
     splits = splits or SPLITS
     os.makedirs(root, exist_ok=True)
+    # an older or half-made copy goes first, so no file of it survives among the new ones
+    stale = [f for f in os.listdir(root) if f == "COMPLETE" or re.fullmatch(r"\w+(_\d{5}\.mp4|\.json)", f)]
+    for name in sorted(stale, key=lambda f: f != "COMPLETE"):  # the marker first
+        os.remove(os.path.join(root, name))
     jobs, index = [], 0
     for split, count in splits.items():
         for _ in range(count):
@@ -803,16 +861,25 @@ def make_embedded_dataset(root, splits=None, seed=0, workers=2, progress=True):
             json.dump(records[start:start + count], f, indent=1)
         start += count
     with open(os.path.join(root, "COMPLETE"), "w") as f:  # written last: a half-made set is redone
-        json.dump({"seed": seed, "splits": splits}, f)
+        json.dump(embedded_marker(seed, splits), f)
     return root
+
+
+def embedded_marker(seed=0, splits=None):
+    """What the COMPLETE file of a finished copy holds: a copy is reused only when it matches."""
+    return {"version": DATASET_VERSION, "seed": seed, "splits": splits or SPLITS}
 
 
 def ensure_embedded_dataset(root=DEFAULT_EMBEDDED_ROOT, seed=0):
     """The embedded dataset, generated on first use."""
-    marker = os.path.join(root, "COMPLETE")
-    if os.path.exists(marker):
+    marker, wanted = os.path.join(root, "COMPLETE"), embedded_marker(seed)
+    if not os.path.exists(marker):
+        print(f"generating the embedded dataset in {root} (first use)")
+    else:
         with open(marker) as f:
-            if json.load(f) == {"seed": seed, "splits": SPLITS}:
-                return root
-    print(f"generating the embedded dataset in {root} (first use)")
+            found = json.load(f)
+        if found == wanted:
+            return root
+        print(f"rebuilding the embedded dataset in {root}: it was made as version {found.get('version', 1)}, "
+              f"seed {found.get('seed')}; this code makes version {DATASET_VERSION}, seed {seed}")
     return make_embedded_dataset(root, seed=seed)

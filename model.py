@@ -118,10 +118,13 @@ def tiny_config(vocab_size=1000):
     2-core CPU. The vocabulary and special ids are normally set from the tokenizer trained on
     the captions (`Tokenizer.configure`); the defaults are that tokenizer's special ids."""
     return UniQ4CapConfig(
+        # 8 frames, one in each of the embedded clips' event slots; 208 spectrogram frames
+        # hold a whole 2 s embedded clip (203 frames as decoded: AAC pads the sound to whole
+        # 1,024-sample frames), so the three-chunk rule never cuts or shifts it
         video=VisionConfig(image_size=(32, 32), patch_size=8, width=64, layers=2, heads=4,
-                           mlp_dim=256, num_frames=4, temporal=True, patch_dropout=0.5,
+                           mlp_dim=256, num_frames=8, temporal=True, patch_dropout=0.5,
                            embed_dim=64),
-        audio=VisionConfig(image_size=(32, 128), patch_size=8, width=64, layers=2, heads=4,
+        audio=VisionConfig(image_size=(32, 208), patch_size=8, width=64, layers=2, heads=4,
                            mlp_dim=256, num_frames=1, temporal=False, embed_dim=64),
         # BLIP-2's layout in miniature: cross-attention in every second layer, none in the
         # last. The text reads each layer's query keys and values, computed from that layer's
@@ -308,6 +311,27 @@ class VisionTransformer(nn.Module):
         # Patch dropout's one switch: training drops cfg.patch_dropout of the patches only where
         # the tower's owner turns this on, once (UniQ4Cap's constructor, train_align.py)
         self.drop_patches_in_training = False
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """A tower's own initialisation, for training from scratch (the tiny preset; the
+        pretrained loaders overwrite all of it). Every linear and patch-embedding weight has
+        std fan_in^-0.5, so each layer's output keeps its input's scale, biases zero; the class,
+        position and temporal embeddings have std width^-0.5, CLIP's scale, so tokens from
+        different positions and frames start apart. BERT's 0.02, which the towers had before,
+        is fan_in^-0.5 only at a width of 2,500: in the width-64 tiny towers stage 1 then
+        learned several times slower (README, stage 1)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+                nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)  # weight[0]: one output's inputs
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        std = self.cfg.width ** -0.5
+        nn.init.normal_(self.embeddings.class_embedding, std=std)
+        nn.init.normal_(self.embeddings.position_embedding.weight, std=std)
+        for layer in self.encoder.layers:
+            if layer.temporal:
+                nn.init.normal_(layer.temporal_embedding, std=std)
 
     def forward(self, pixels):
         B = pixels.size(0)
@@ -586,7 +610,9 @@ class UniQ4Cap(nn.Module):
         self.text_proj = nn.Linear(q.hidden, q.proj_dim)
         self.itm_head = nn.Linear(q.hidden, 2)
         self.temp = nn.Parameter(torch.tensor(0.07))
-        self.apply(self._init_weights)
+        for child in self.children():  # the towers initialised themselves
+            if child is not self.video_encoder and child is not self.audio_encoder:
+                child.apply(self._init_weights)
         nn.init.normal_(self.query_tokens, std=0.02)
         for proj in (self.video_project, self.audio_project):
             # new layers reading LayerNorm'd tokens: std fan_in^-0.5 keeps the memory at unit
@@ -609,7 +635,8 @@ class UniQ4Cap(nn.Module):
 
     @staticmethod
     def _init_weights(m):
-        # BERT's initialisation; the pretrained loaders overwrite what they cover
+        # BERT's initialisation for all but the towers (VisionTransformer.reset_parameters);
+        # the pretrained loaders overwrite what they cover
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
             nn.init.normal_(m.weight, std=0.02)
             if m.bias is not None:
@@ -619,15 +646,6 @@ class UniQ4Cap(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, CLIPEmbeddings):
-            # CLIP's own scale (width^-0.5), not BERT's 0.02: a randomly initialised tower
-            # (tiny preset, stage 1 from scratch) must still tell its tokens' positions apart
-            std = m.class_embedding.size(-1) ** -0.5
-            nn.init.normal_(m.class_embedding, std=std)
-            nn.init.normal_(m.position_embedding.weight, std=std)
-        elif isinstance(m, CLIPLayer) and m.temporal:
-            # likewise the frame a token comes from: without it the direction of motion is lost
-            nn.init.normal_(m.temporal_embedding, std=m.temporal_embedding.size(-1) ** -0.5)
 
     def encoder_parameters(self):
         return [*self.video_encoder.parameters(), *self.audio_encoder.parameters()]

@@ -36,6 +36,7 @@ tokenizer), last.pth (resumable), metrics.jsonl (log), metrics.json (final test 
 
 import argparse
 import hashlib
+import json
 import os
 from dataclasses import asdict
 
@@ -45,6 +46,7 @@ import cache
 import data
 import metrics
 import model as M
+import train_align
 import training as T
 
 MODALITIES = {"video+audio": (True, True), "video": (True, False), "audio": (False, True)}
@@ -96,7 +98,12 @@ def get_args(argv=None):
                         "same in every frame, the class token always), none at evaluation, as the original "
                         "trained; a feature cache cannot keep it (default: "
                         + T.per_preset(RECIPE["frozen_patch_dropout"]) + ")")
-    p.add_argument("--align-dir", default="out/align", help="where train_align.py left video.pth / audio.pth")
+    p.add_argument("--align-dir", default="out/align",
+                   help="where train_align.py leaves video.pth / audio.pth; the tiny preset runs stage 1 there "
+                        "first when they are missing")
+    p.add_argument("--no-align", action="store_true",
+                   help="no stage 1: frozen encoders as initialised by this run's seed (the ablation of the "
+                        "paper's pre-alignment), unless --video-encoder / --audio-encoder name others")
     p.add_argument("--video-encoder", default=None,
                    help="video encoder: LanguageBind's HF file, its folder or repo id (LanguageBind/LanguageBind_Video_FT), "
                         "or a video.pth")
@@ -164,14 +171,48 @@ def build_tokenizer(args, train_records, out_dir, resumed=None):
     return tok
 
 
-def encoder_files(args):
-    """Which encoder weights to load: explicit flags, else train_align.py's output."""
+def encoder_files(args, cfg):
+    """Which encoder weights to load: explicit flags, else train_align.py's output (unless
+    --no-align), checked to be for this model's encoders."""
     files = {}
     for name in ("video", "audio"):
         given = getattr(args, f"{name}_encoder")
         default = os.path.join(args.align_dir, f"{name}.pth")
-        files[name] = given or (default if os.path.exists(default) else None)
+        files[name] = given or (default if os.path.exists(default) and not args.no_align else None)
+        if files[name] == default:
+            check_stage1_output(args.align_dir, name, getattr(cfg, name))
     return files
+
+
+def check_stage1_output(folder, name, tower_cfg):
+    """Stage 1's encoders in `folder` must be for this configuration: the loader would
+    otherwise stretch a tower trained for other shapes (4 frames, say) to fit."""
+    path, made = os.path.join(folder, "metrics.json"), None
+    if os.path.exists(path):
+        with open(path) as f:
+            made = json.load(f).get("encoders", {}).get(name)
+    if made != json.loads(json.dumps(asdict(tower_cfg))):  # as JSON stores it: tuples become lists
+        raise data.DataError(f"{folder}/{name}.pth was not written by this version of train_align.py for this "
+                             f"preset's {name} encoder ({path} says {'nothing' if made is None else made}): "
+                             f"delete {folder} to train stage 1 again, or pass --no-align")
+
+
+def needs_stage1(args):
+    """The tiny preset trains stage 1 first when nothing names the encoders and stage 1 has
+    left none in --align-dir. (The full preset's stage 1 starts from LanguageBind's files
+    and runs for hours: it is never started on the side.)"""
+    return (args.preset == "tiny" and not args.no_align and not args.video_encoder and not args.audio_encoder
+            and not all(os.path.exists(os.path.join(args.align_dir, f"{m}.pth")) for m in ("video", "audio")))
+
+
+def stage1_argv(args):
+    """train_align.py's command line for this run: same seed, data, device and caches."""
+    argv = ["--out-dir", args.align_dir, "--seed", str(args.seed), "--device", args.device,
+            "--num-workers", str(args.num_workers), "--cache-dir", args.cache_dir]
+    for flag in ("data_dir", "train_ann", "val_ann", "test_ann", "caption_field"):
+        if getattr(args, flag) is not None:
+            argv += ["--" + flag.replace("_", "-"), getattr(args, flag)]
+    return argv
 
 
 def hide_modalities(batch, p, seed):
@@ -297,6 +338,11 @@ def check_same_run(path, resumed, args, cfg, sources):
 def main(argv=None):
     args = get_args(argv)
     metrics_note = metrics.check_caption_metrics()  # a missing dependency stops the run now, not at evaluation
+    if needs_stage1(args):
+        argv = stage1_argv(args)
+        T.print0(f"no stage-1 encoders in {args.align_dir}: training stage 1 first, as "
+                 f"`python train_align.py {' '.join(argv)}` would (--no-align skips it)")
+        train_align.main(argv)
     ddp, rank, local_rank, world, device, dtype, ctx = T.setup_run(args)
     data_dir, anns = T.resolve_data_paths(args)
     args.caption_field, why = data.caption_field_for(anns["train"], args.caption_field)
@@ -313,7 +359,7 @@ def main(argv=None):
              + "\n".join(T.describe_recipe(args, RECIPE, args.recipe_given, args.recipe_reasons)))
     T.print0(f"caption field: '{args.caption_field}' ({why})\n{metrics_note}")
 
-    encoders = encoder_files(args)
+    encoders = encoder_files(args, cfg)
     given = dict(encoders)  # what load_pretrained reads: files, folders or Hugging Face names
     if resumed is not None:
         check_same_run(args.resume, resumed, args, cfg, given)
@@ -322,7 +368,8 @@ def main(argv=None):
         if not encoders[name]:
             # no stage-1 output: keep this run's own initialisation, saved so sample.py
             # rebuilds the same frozen encoder
-            T.print0(f"no {name} encoder weights (no --{name}-encoder, nothing at {args.align_dir}/{name}.pth): "
+            why = "--no-align" if args.no_align else f"nothing at {args.align_dir}/{name}.pth"
+            T.print0(f"no {name} encoder weights (no --{name}-encoder, {why}): "
                      f"using this run's own initialisation of the {name} encoder")
             encoders[name] = os.path.join(args.out_dir, f"{name}.pth")
             if T.is_master():

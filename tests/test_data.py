@@ -261,12 +261,12 @@ def test_no_audio_stream_gives_zeros_and_a_false_mask(tmp_path):
     assert data.read_audio(str(silent_film)) is None
     ds = one_item_dataset(tmp_path, silent_film)
     item = ds[0]
-    assert item["audio_missing"] is True and "audio" not in item and item["video"].shape == (3, 4, 32, 32)
+    assert item["audio_missing"] is True and "audio" not in item and item["video"].shape == (3, 8, 32, 32)
     # next to a clip with sound: zeros in its place, a False mask, counted as missing audio
-    with_sound = {**item, "audio": torch.randn(3, 32, 128), "audio_missing": False, "id": "other"}
+    with_sound = {**item, "audio": torch.randn(3, 32, 208), "audio_missing": False, "id": "other"}
     batch = data.collate([with_sound, item])
-    assert batch["audio"].shape == (2, 3, 32, 128)
-    assert torch.equal(batch["audio"][1], torch.zeros(3, 32, 128))
+    assert batch["audio"].shape == (2, 3, 32, 208)
+    assert torch.equal(batch["audio"][1], torch.zeros(3, 32, 208))
     assert batch["audio_mask"].tolist() == [True, False] and batch["video_mask"].tolist() == [True, True]
     assert batch["missing_audio"] == 1 and batch["skipped"] == []
     tracker = data.SkipTracker()
@@ -462,7 +462,7 @@ def test_collate_drops_unreadable_items_and_lists_them(small_set):
     batch = data.collate([ds[0], ds[1], ds[2]])
     assert batch["ids"] == ["a", "c"] and batch["captions"] == ["clip a", "clip c"]
     assert batch["skipped"] == [(os.path.join(root, "b.mp4"), "empty file")]
-    assert batch["video"].shape == (2, 3, 4, 32, 32) and batch["audio"].shape == (2, 3, 32, 128)
+    assert batch["video"].shape == (2, 3, 8, 32, 32) and batch["audio"].shape == (2, 3, 32, 208)
     assert batch["video_mask"].tolist() == [True, True] and batch["audio_mask"].tolist() == [True, True]
 
 
@@ -548,10 +548,10 @@ def test_bad_config_fails_at_construction_with_one_line(tmp_path, case):
 
 
 def test_tiny_sizes(small_set):
-    assert TINY == data.MediaConfig(num_frames=4, image_size=32, num_mel_bins=32, target_length=128)
+    assert TINY == data.MediaConfig(num_frames=8, image_size=32, num_mel_bins=32, target_length=208)
     ann, root = small_set
     item = data.AVCaptionDataset(ann, root, TINY)[0]
-    assert item["video"].shape == (3, 4, 32, 32) and item["audio"].shape == (3, 32, 128)
+    assert item["video"].shape == (3, 8, 32, 32) and item["audio"].shape == (3, 32, 208)
     assert item["video"].dtype == item["audio"].dtype == torch.float32
 
 
@@ -752,8 +752,11 @@ def test_the_originals_random_evaluation_is_one_flag_each(small_set):
     # the original flips and draws the audio chunks at random in evaluation too; ours does
     # neither unless MediaConfig says so (the dataset's per-item generator still seeds it)
     ann, root = small_set
-    plain = data.AVCaptionDataset(ann, root, TINY)[0]
-    original = data.MediaConfig(**{**vars(TINY), "flip_in_eval": True, "random_chunks_in_eval": True})
+    # a window shorter than the 2 s clips, so there are chunk starts to draw from (the tiny
+    # preset's window holds a whole embedded clip)
+    short = data.MediaConfig(**{**vars(TINY), "target_length": 128})
+    plain = data.AVCaptionDataset(ann, root, short)[0]
+    original = data.MediaConfig(**{**vars(short), "flip_in_eval": True, "random_chunks_in_eval": True})
     items = [data.AVCaptionDataset(ann, root, original, seed=seed)[0] for seed in range(8)]
     flipped = [not torch.equal(item["video"], plain["video"]) for item in items]
     assert any(flipped) and not all(flipped)
@@ -798,9 +801,41 @@ def test_every_caption_parses_back_to_its_attributes(two_generated_sets):
         captions = data.captions_for(a)
         assert data.parse_attributes(captions["caption"]) == a
         assert data.parse_attributes(captions["caption_video"]) == {
-            "shape": a["shape"], "colour": a["colour"], "direction": a["direction"], "background": None}
+            "shape": a["shape"], "colour": a["colour"], "motion": a["motion"], "background": None}
         assert data.parse_attributes(captions["caption_audio"]) == {
-            "shape": a["shape"], "colour": None, "direction": None, "background": a["background"]}
+            "shape": a["shape"], "colour": None, "motion": None, "background": a["background"]}
     for r in records:  # the stored captions are the ones made from the stored attributes
         assert data.parse_attributes(r["caption"]) == r["attributes"]
         assert {k: r[k] for k in ("caption", "caption_video", "caption_audio")} == data.captions_for(r["attributes"])
+
+
+def test_embedded_events_are_seen_in_their_frame_and_heard_in_their_slot(two_generated_sets):
+    """What ties a clip's video to its own soundtrack: in each lit slot the background of
+    the tiny preset's frame for that slot lights up and the spectrogram's slot is louder."""
+    root = two_generated_sets[0]
+    for rec in json.load(open(os.path.join(root, "train.json"))):
+        lit = torch.tensor(rec["events"]["slots"], dtype=torch.bool)
+        assert 2 <= lit.sum() <= data.EVENT_SLOTS - 2
+        path = os.path.join(root, f"{rec['id']}.mp4")
+        frames = data.read_video_frames(path, TINY.num_frames)  # (8, H, W, 3): one per slot
+        corner = frames[:, :4, :4].float().mean(dim=(1, 2, 3))  # the background, never the shape
+        assert corner[lit].min() > corner[~lit].max() + 40
+        spec = data.log_mel(data.read_audio(path), TINY.num_mel_bins)  # (203, mel): the whole clip
+        assert spec.size(0) <= TINY.target_length  # one window holds it: no chunk is cut out
+        per_slot = torch.stack([spec[25 * k + 3:25 * k + 18].mean() for k in range(data.EVENT_SLOTS)])
+        assert per_slot[lit].min() > per_slot[~lit].max()
+
+
+def test_an_older_copy_of_the_embedded_set_is_rebuilt_not_mixed(tmp_path, monkeypatch):
+    root = str(tmp_path / "embedded")
+    small = {"train": 2, "val": 1, "test": 1}
+    monkeypatch.setattr(data, "SPLITS", small)
+    data.make_embedded_dataset(root, small, progress=False)
+    made = open(os.path.join(root, "train.json")).read()
+    # what version 1 left: its marker, and a clip this version does not make
+    json.dump({"seed": 0, "splits": small}, open(os.path.join(root, "COMPLETE"), "w"))
+    open(os.path.join(root, "train_09999.mp4"), "wb").close()
+    data.ensure_embedded_dataset(root)
+    assert json.load(open(os.path.join(root, "COMPLETE")))["version"] == data.DATASET_VERSION
+    assert not os.path.exists(os.path.join(root, "train_09999.mp4"))
+    assert open(os.path.join(root, "train.json")).read() == made

@@ -53,7 +53,7 @@ def runs(tmp_path_factory):
 
     def argv(out, batch_size):
         return ["--data-dir", clips, "--out-dir", str(root / out), "--cache-dir", str(root / "cache"),
-                "--align-dir", str(root / "no-stage-1"), "--caption-field", "caption_video",
+                "--no-align", "--caption-field", "caption_video",
                 "--batch-size", str(batch_size), "--max-steps", "10", "--stop-at", str(STEPS),
                 "--eval-every", "100", "--warmup-steps", "2", "--modality-dropout", "0.5",
                 "--num-workers", "0", "--device", "cpu", "--cache-features"]

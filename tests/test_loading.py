@@ -536,7 +536,7 @@ def two_clips(tmp_path):
 @pytest.mark.parametrize("flag", ["--resume", "--video-encoder"])
 def test_train_caption_on_a_truncated_file_exits_2_with_one_line(two_clips, truncated, tmp_path, flag, capsys):
     args = ["--data-dir", two_clips, "--out-dir", str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "2",
-            "--num-workers", "0", "--device", "cpu", "--no-cache-features", "--align-dir", str(tmp_path / "none"),
+            "--num-workers", "0", "--device", "cpu", "--no-cache-features", "--no-align",
             flag, truncated]
     with pytest.raises(SystemExit) as e:
         T.run_script(train_caption.main, args)  # what `python train_caption.py` runs

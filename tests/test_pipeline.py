@@ -49,6 +49,57 @@ def test_stage1_resume_is_exact(clips, tmp_path):
     assert os.path.exists(tmp_path / "b" / "video.pth") and os.path.exists(tmp_path / "b" / "metrics.json")
 
 
+def test_stage1_trains_the_same_from_its_input_cache_as_from_the_files(clips, tmp_path):
+    """--cache-inputs (the tiny default) decodes each clip once; training from those inputs,
+    with the same random flips, follows the losses of decoding every batch (fp16 storage
+    aside; the embedded clips fit one audio window, so no chunk choice is lost)."""
+    argv = common(clips, str(tmp_path / "a"), 3) + ["--eval-max", "4", "--cache-dir", str(tmp_path / "cache")]
+    cached = train_align.main(argv)
+    decoded = train_align.main(common(clips, str(tmp_path / "b"), 3) + ["--eval-max", "4", "--no-cache-inputs"])
+    np.testing.assert_allclose(cached, decoded, rtol=0, atol=2e-2)
+    assert len(os.listdir(tmp_path / "cache")) == 2  # train and test
+
+
+def test_the_tiny_main_job_trains_stage1_first_and_reads_its_encoders(clips, tmp_path, monkeypatch, capsys):
+    """`python train_caption.py` with no stage-1 encoders runs train_align.py's training
+    (same seed and data) into --align-dir, then captions from those frozen encoders."""
+    calls = []
+    real = train_align.main
+    monkeypatch.setattr(train_align, "main", lambda argv: calls.append(argv) or real(
+        argv + ["--max-steps", "2", "--batch-size", "4", "--eval-max", "4", "--warmup-steps", "1"]))
+    align = str(tmp_path / "align")
+    train_caption.main(common(clips, str(tmp_path / "caption"), 2)
+                       + ["--eval-max", "2", "--align-dir", align, "--cache-dir", str(tmp_path / "cache"), "--seed", "3"])
+    assert len(calls) == 1 and calls[0][calls[0].index("--seed") + 1] == "3"
+    out = capsys.readouterr().out
+    assert f"no stage-1 encoders in {align}: training stage 1 first" in out
+    assert json.load(open(tmp_path / "caption" / "metrics.json"))["encoders"] == {
+        "video": os.path.join(align, "video.pth"), "audio": os.path.join(align, "audio.pth")}
+    # a second run finds them and trains no stage 1; --no-align ignores them
+    train_caption.main(common(clips, str(tmp_path / "again"), 1) + ["--eval-max", "2", "--align-dir", align,
+                                                                      "--cache-dir", str(tmp_path / "cache")])
+    train_caption.main(common(clips, str(tmp_path / "ablation"), 1) + ["--eval-max", "2", "--align-dir", align,
+                                                                         "--cache-dir", str(tmp_path / "cache"),
+                                                                         "--no-align"])
+    assert len(calls) == 1
+    assert json.load(open(tmp_path / "ablation" / "metrics.json"))["encoders"]["video"] == str(
+        tmp_path / "ablation" / "video.pth")
+
+
+def test_stage1_encoders_for_another_configuration_are_refused(clips, tmp_path, capsys):
+    """An --align-dir left by older code (4 frames, say) would be stretched to fit by the
+    loader: the run stops and says what to do instead."""
+    align = tmp_path / "align"
+    align.mkdir()
+    cfg = M.tiny_config()
+    for name in ("video", "audio"):
+        torch.save(M.VisionTransformer(getattr(cfg, name)).state_dict(), align / f"{name}.pth")
+    write_json(align / "metrics.json", {"steps": 400})  # no record of the encoders' shapes
+    code, err = run_script(train_caption.main, common(clips, str(tmp_path / "out"), 1) + ["--align-dir", str(align)],
+                           capsys)
+    assert code == 2 and "was not written by this version of train_align.py" in err and "--no-align" in err
+
+
 def test_resume_from_a_missing_checkpoint_is_an_error(clips, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
         train_align.main(common(clips, str(tmp_path), 2) + ["--resume", str(tmp_path / "nothing.pt")])
@@ -61,7 +112,7 @@ def test_stage2_resume_is_exact_and_keeps_the_checkpoints_vocabulary(clips, tmp_
     def run(out, *extra):
         return train_caption.main(common(clips, str(tmp_path / out), 4)
                                   + ["--eval-every", "2", "--eval-max", "2", "--cache-dir", str(tmp_path / "cache"),
-                                     "--align-dir", str(tmp_path / "no-stage-1"), *extra])
+                                     "--no-align", *extra])
     straight = run("a")
     first = run("b", "--stop-at", "2")
     rest = run("b", "--resume", str(tmp_path / "b" / "last.pth"), "--vocab-size", "60")
@@ -72,7 +123,7 @@ def test_stage2_resume_is_exact_and_keeps_the_checkpoints_vocabulary(clips, tmp_
 def test_stage2_trains_from_the_feature_cache(clips, tmp_path):
     args = common(clips, str(tmp_path / "caption"), 2) + ["--eval-every", "2", "--eval-max", "2", "--cache-features",
                                                           "--cache-dir", str(tmp_path / "cache"),
-                                                          "--align-dir", str(tmp_path / "no-stage-1")]
+                                                          "--no-align"]
     losses = train_caption.main(args)
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert len(os.listdir(tmp_path / "cache")) == 3  # train, val and test
@@ -90,7 +141,7 @@ def trained(clips, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
     out = str(tmp / "caption")
     train_caption.main(common(clips, out, 3) + ["--eval-every", "3", "--eval-max", "2", "--no-cache-features",
-                                                "--align-dir", str(tmp / "no-stage-1")])
+                                                "--no-align"])
     return out, os.path.join(out, "best.pth")
 
 
@@ -122,7 +173,7 @@ def test_a_moved_output_folder_still_captions_from_anywhere(clips, trained, tmp_
 ])
 def test_resume_refuses_what_would_train_something_else(clips, trained, tmp_path, capsys, name, extra, says):
     out, _ = trained  # 3 steps, --max-steps 3, seed 42, video+audio, its own encoder initialisation
-    argv = common(clips, str(tmp_path / "again"), 5) + ["--no-cache-features", "--align-dir", str(tmp_path / "none"),
+    argv = common(clips, str(tmp_path / "again"), 5) + ["--no-cache-features", "--no-align",
                                                         "--resume", os.path.join(out, name), *extra]
     code, err = run_script(train_caption.main, argv, capsys)
     assert code == 2 and "Traceback" not in err
@@ -209,7 +260,7 @@ def test_max_length_counts_the_dec_token_as_the_original():
     and [SEP] once the caption holds 10 tokens with its [DEC]; the same numbers mean the same."""
     torch.manual_seed(0)
     net = M.UniQ4Cap(M.tiny_config()).eval()
-    video = torch.randn(1, 3, 4, 32, 32)
+    video = torch.randn(1, 3, net.cfg.video.num_frames, 32, 32)
     sep = net.cfg.qformer.sep_token_id
     with torch.no_grad():
         net.Qformer.cls.predictions.bias[sep] = -100.0  # never ends by itself
@@ -296,10 +347,11 @@ def test_frozen_patch_dropout_halves_the_video_memory_in_training_only():
     cfg = M.tiny_config()
     cfg.frozen_patch_dropout = True
     net = M.UniQ4Cap(cfg)
-    video = torch.randn(2, 3, 4, 32, 32)
+    frames = cfg.video.num_frames
+    video = torch.randn(2, 3, frames, 32, 32)
     keep = int(cfg.video.num_patches * 0.5)
-    assert net.train().encode(video)[0].shape[1] == 4 * (1 + keep)  # class token kept in each frame
-    assert net.eval().encode(video)[0].shape[1] == 4 * (1 + cfg.video.num_patches)
+    assert net.train().encode(video)[0].shape[1] == frames * (1 + keep)  # class token kept in each frame
+    assert net.eval().encode(video)[0].shape[1] == frames * (1 + cfg.video.num_patches)
 
 
 def run_script(main, argv, capsys):
@@ -354,7 +406,7 @@ def test_a_run_whose_clips_are_all_unreadable_stops_with_the_skip_report(tmp_pat
     ann = write_json(tmp_path / "ann.json", [{"id": f"gone{i}", "caption": f"clip {i}"} for i in range(6)])
     (tmp_path / "media").mkdir()
     argv = common(str(tmp_path / "media"), str(tmp_path / "out"), 2) + ["--cache-dir", str(tmp_path / "cache"),
-                                                                        "--align-dir", str(tmp_path / "none")]
+                                                                        "--no-align"]
     for split in ("train", "val", "test"):
         argv += [f"--{split}-ann", ann]
     code, err = run_script(train_caption.main, argv, capsys)
