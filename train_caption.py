@@ -1,7 +1,10 @@
 """Stage 2: train the captioner (DESIGN.md section 7).
 
 The encoders are frozen; the Q-Former, the per-modality LayerNorms and projections and the
-query tokens learn to caption with the LM loss. Every --eval-every steps captions are generated
+query tokens learn to caption with the LM loss. The encoders come from --video-encoder /
+--audio-encoder, else from stage 1's output in --align-dir; with the tiny preset and neither,
+stage 1 is trained first (train_align.main, same seed and data), so one command runs the whole
+method. --no-align keeps the encoders as this run's seed initialises them. Every --eval-every steps captions are generated
 on the validation split and scored with BLEU-4, METEOR, ROUGE-L and CIDEr (and, on the embedded
 set, exact attribute accuracy); the best checkpoint by CIDEr is kept and finally scored on the
 test split.
@@ -23,7 +26,8 @@ audio chunk, which a cache cannot keep, and of frozen patch dropout (a cache hol
 The original's evaluation decoding: --decode sample --top-p 0.9 --top-k 50 --min-length 10
 --max-length 30 (lengths count the [DEC] start token, as HF's generate does).
 
-    python train_caption.py                                  # tiny, embedded data, CPU
+    python train_caption.py                                  # tiny: stage 1 first, then stage 2
+    python train_caption.py --no-align                       # frozen random encoders (ablation)
     python train_caption.py --modalities video               # a video-only model
     python train_caption.py --preset full --data-dir D --train-ann D/train.json ... \\
         --video-encoder LanguageBind/LanguageBind_Video_FT \\
