@@ -172,7 +172,8 @@ class FeatureCache(torch.utils.data.Dataset):
         if not todo:
             return 0
         mine = todo[rank::world]
-        T.print0(f"{desc}: computing the encoder outputs of {len(todo)} of {len(self.clips)} clips into {self.dir}")
+        what = "decoded inputs" if self.inputs else "encoder outputs"
+        T.print0(f"{desc}: computing the {what} of {len(todo)} of {len(self.clips)} clips into {self.dir}")
         a, errors = self.arrays(), dict(self.errors())
         encode = (lambda v, au: (v, au)) if self.inputs else net.encode
         was_training = net is not None and net.training

@@ -15,7 +15,7 @@ finer-grained side need not agree with the clip as a whole. --mil-weight 0 is NC
 
 Measured on the test split before and after training: instance retrieval R@1/5/10 both ways
 (is a clip's own soundtrack the nearest?), the share of top matches with the same shared
-attribute (the embedded set's shape), and frame<->chunk alignment (is a frame's nearest chunk
+attributes (the embedded set's shape and motion, together and each), and frame<->chunk alignment (is a frame's nearest chunk
 of its own audio the one at the same time? chance 1/T).
 
     python train_align.py                      # tiny, from scratch, embedded data, ~minutes on CPU
