@@ -212,10 +212,10 @@ def needs_stage1(args):
 def stage1_argv(args):
     """train_align.py's command line for this run: same seed, data, device and caches."""
     argv = ["--out-dir", args.align_dir, "--seed", str(args.seed), "--device", args.device,
-            "--num-workers", str(args.num_workers), "--cache-dir", args.cache_dir]
-    for flag in ("data_dir", "train_ann", "val_ann", "test_ann", "caption_field"):
+            "--cache-dir", args.cache_dir]
+    for flag in ("data_dir", "train_ann", "val_ann", "test_ann", "caption_field", "num_workers"):
         if getattr(args, flag) is not None:
-            argv += ["--" + flag.replace("_", "-"), getattr(args, flag)]
+            argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     return argv
 
 
@@ -406,8 +406,10 @@ def main(argv=None):
         fingerprint = cache.encoder_fingerprint(net, args.modalities, dtype)
         for split, dataset in sets.items():
             sets[split] = cache.FeatureCache(args.cache_dir, dataset, cfg, fingerprint)
-            sets[split].build(net, device, ctx, args.batch_size, args.num_workers, rank, world, f"cache {split}")
+            sets[split].build(net, device, ctx, args.batch_size, T.loader_workers(args, False, device), rank,
+                              world, f"cache {split}")
         train_set, val_set, test_set = sets["train"], sets["val"], sets["test"]
+    args.num_workers = T.loader_workers(args, args.cache_features, device)  # training's and evaluation's loaders
     step, position, extras = T.resume_training(resumed, args.resume, lambda sd: M.map_stage2(net, sd, args.resume),
                                                optimizer)
     best = extras.get("best")
