@@ -12,6 +12,8 @@ Rows:
                   (the Q-Former step is the whole stage-2 step when features are cached)
   cache-read      batches read from a feature cache at the paper's shapes, cold and from the
                   page cache, vs the cached-feature step they feed (>= 1x: the loader keeps pace)
+  sample          sample.py on 64 embedded clips (tiny): batched, decoding in loader workers, vs
+                  one clip at a time; and whether decoding or the model bounds it
 
     python bench.py                       # everything on the CPU (and CUDA if present)
     python bench.py --only qformer-step --device cuda --batch 16
@@ -27,6 +29,7 @@ import time
 import torch
 
 import model as M
+import training as T
 from training import autocast_context
 
 
@@ -250,12 +253,64 @@ def bench_decode(repeats):
     return out
 
 
+def bench_sample(device, repeats, clips=64, batch=16, workers=2, tokens=14):
+    """sample.py on a folder of `clips` embedded-dataset clips at the tiny preset: the batched
+    path (decoding in `workers` loader processes while the model captions `batch` clips per
+    generate call) vs the one-at-a-time loop it replaced (decode a file, caption it, the next),
+    and what bounds the batched path: its loader alone, and the model alone on batches decoded
+    beforehand. Every caption is `tokens` long ([DEC] included, about the embedded captions'
+    length), so the untrained model here does the work a trained one does. Returns seconds
+    per clip for each."""
+    import data
+    import sample
+    from torch.utils.data import DataLoader
+    with tempfile.TemporaryDirectory() as tmp:
+        data.make_embedded_dataset(tmp, splits={"bench": clips}, progress=False)
+        with open(os.path.join(tmp, "bench.json")) as f:
+            records = json.load(f)
+        files = [os.path.join(tmp, f"{r['id']}.mp4") for r in records]
+        tokenizer = M.Tokenizer.train([r["caption"] for r in records], 200)
+        net = M.UniQ4Cap(tokenizer.configure(M.tiny_config())).eval().to(device)
+        args = sample.get_args(["--video", tmp, "--min-length", str(tokens), "--max-length", str(tokens),
+                                "--batch-size", str(batch), "--num-workers", str(workers)])
+        args.device = device
+        media = data.MediaConfig.from_model(net.cfg)
+        decoding = T.decoding_kwargs(args)
+
+        @torch.no_grad()
+        def one_at_a_time():
+            for path in files:
+                clip = data.decode_clip(path, media)
+                audio = None if clip["audio_missing"] else clip["audio"][None].to(device)
+                ids = net.generate(video=clip["video"][None].to(device), audio=audio, **decoding)
+                tokenizer.decode(ids[0].cpu())
+
+        def batched():
+            for _ in sample.caption_batches(net, tokenizer, files, args):
+                pass
+
+        def loader():
+            return DataLoader(sample.VideoFiles(files, media), batch_size=batch, num_workers=workers,
+                              collate_fn=data.collate)
+
+        decoded = list(loader())
+
+        @torch.no_grad()
+        def model_only():
+            for b in decoded:
+                net.generate(**T.model_inputs(b, device), **decoding)
+
+        t = compare({"one": one_at_a_time, "batched": batched, "decode": lambda: list(loader()),
+                     "model": model_only}, repeats, sync=syncer(device))
+    return {k: v / clips for k, v in t.items()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
     p.add_argument("--batch", type=int, default=0, help="batch for the step rows (default: 2 on CPU, 16 on CUDA)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
-    p.add_argument("--only", default="", help="comma-separated rows: qformer-step,compile,cached-step,cache-read,kv-cache,decode "
+    p.add_argument("--only", default="", help="comma-separated rows: qformer-step,compile,cached-step,cache-read,kv-cache,decode,sample "
                                              "(compile runs by default on CUDA only)")
     p.add_argument("--out", default="out/bench.json", help="where the JSON goes")
     args = p.parse_args()
@@ -336,6 +391,13 @@ def main():
     if want("decode"):
         for seconds, (every, ours) in bench_decode(args.repeats).items():
             row(f"decode {seconds}s 720p", "every frame", every, "ours", ours, "8 frames + audio")
+    if want("sample"):
+        t = bench_sample(device, args.repeats)
+        bound = "decoding" if t["decode"] > t["model"] else "the model"
+        row("sample.py 64 clips", "one at a time", t["one"], "batched", t["batched"],
+            f"tiny, batches of 16, 2 decoding workers; per clip: loader alone {t['decode'] * 1e3:.0f} ms, "
+            f"model alone {t['model'] * 1e3:.0f} ms: bound by {bound}")
+        results["sample.py 64 clips"].update(decode_s=t["decode"], model_s=t["model"], bound=bound)
 
     widths = [max(len(str(r[i])) for r in rows + [("row", "baseline", "candidate", "ratio", "")]) for i in range(5)]
     print(f"device {device}, batch {batch}, torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -3,6 +3,7 @@
     python sample.py --video clip.mp4                       # prints the caption
     python sample.py --video a.mp4 b.mp4 --decode beam      # several files: JSON Lines
     python sample.py --video folder/ --num-captions 3 --decode sample
+    python sample.py --video folder/ --out captions.jsonl   # a collection: batched, resumable
     python sample.py --video x.mp4 --ckpt checkpoint_N.pth --preset full \\
         --bert google-bert/bert-base-cased --video-encoder LanguageBind/LanguageBind_Video_FT \\
         --audio-encoder LanguageBind/LanguageBind_Audio_FT    # the authors' stage-2 file
@@ -18,14 +19,23 @@ stderr as not readable as videos. A video without a soundtrack is captioned from
 alone (the audio tokens are masked out), and stderr says so (stdout holds only captions). A
 named file that cannot be read gives a one-line error naming it and a non-zero exit code.
 Lengths count tokens as HF's generate does, [DEC] included.
+
+Several files are decoded in --num-workers loader processes and captioned --batch-size at a
+time; each result is written as a JSON line as soon as its batch is done (to --out, or to
+stdout), with a progress bar on stderr. Rerunning with the same --out skips the files already
+in it and appends the rest (--no-resume starts it afresh), so a stopped run loses at most one
+batch. With --decode sample the draws depend on the batch a clip lands in: --seed makes a
+run repeatable with the same files and --batch-size, not clip by clip.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 
 import torch
+from tqdm import tqdm
 
 import data
 import model as M
@@ -46,9 +56,17 @@ def get_args(argv=None):
     p.add_argument("--num-captions", type=int, default=1,
                    help="captions per video (with --decode beam at most --num-beams; greedy gives one)")
     p.add_argument("--seed", type=int, default=0, help="seed for --decode sample")
+    p.add_argument("--out", default=None, help="JSON Lines file for the captions (default: stdout); "
+                        "files already in it are skipped unless --no-resume")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip the files --out already holds and append (--no-resume: start it afresh)")
+    p.add_argument("--batch-size", type=int, default=16, help="clips captioned together")
+    p.add_argument("--num-workers", type=int, default=2, help="decoding processes (0: decode in this one)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     args = p.parse_args(argv)
     T.check_decoding_args(p, args)
+    if args.batch_size < 1 or args.num_workers < 0:
+        p.error("--batch-size must be at least 1 and --num-workers at least 0")
     return args
 
 
@@ -125,18 +143,66 @@ def list_videos(paths):
     return files, not_videos
 
 
-def caption_file(net, tokenizer, path, args):
-    """-> (captions, has_audio). Raises data.MediaError for an unreadable file."""
-    media = data.MediaConfig.from_model(net.cfg)
-    video = data.preprocess_video(data.read_video_frames(path, media.num_frames), media.image_size)
-    wave = data.read_audio(path)
-    has_audio = wave is not None and wave.shape[-1] >= 400
-    audio = data.preprocess_audio(wave, media.num_mel_bins, media.target_length) if has_audio else None
+class VideoFiles(torch.utils.data.Dataset):
+    """The files to caption, decoded and preprocessed as evaluation does (data.decode_clip),
+    one item per file in data.collate's format; an unreadable file becomes an item carrying
+    its error, which the collate function sets aside."""
+
+    def __init__(self, files, media, seed=0):
+        self.files, self.media, self.seed = files, media, seed
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        path = self.files[i]
+        # the draws of the original's random evaluation transforms (MediaConfig), if any
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        try:
+            item = data.decode_clip(path, self.media, generator=g)
+        except data.MediaError as e:
+            return {"id": i, "error": (e.path, e.reason)}
+        return {"id": i, "path": path, "caption": None, "record": None, **item}
+
+
+def caption_batches(net, tokenizer, files, args):
+    """Yield (path, captions, has_audio, None) for each readable file, a batch at a time, and
+    (path, None, None, reason) for each unreadable one: decoding runs in --num-workers
+    processes while the model captions the batch before."""
+    loader = torch.utils.data.DataLoader(VideoFiles(files, data.MediaConfig.from_model(net.cfg), args.seed),
+                                         batch_size=args.batch_size,
+                                         num_workers=args.num_workers if len(files) > 1 else 0,
+                                         collate_fn=data.collate, pin_memory=args.device.type == "cuda")
     torch.manual_seed(args.seed)
-    ids = net.generate(video=video[None].to(args.device),
-                       audio=audio[None].to(args.device) if has_audio else None,
-                       num_captions=args.num_captions, **T.decoding_kwargs(args))
-    return [tokenizer.decode(row) for row in ids.cpu()], has_audio
+    with torch.no_grad():
+        for batch in loader:
+            for path, reason in batch["skipped"]:
+                yield path, None, None, reason
+            if not batch["ids"]:
+                continue
+            ids = net.generate(**T.model_inputs(batch, args.device), num_captions=args.num_captions,
+                               **T.decoding_kwargs(args)).cpu()
+            k = args.num_captions  # rows b*k ... (b+1)*k - 1 are clip b's captions
+            for b, path in enumerate(batch["paths"]):
+                captions = [tokenizer.decode(row) for row in ids[b * k:(b + 1) * k]]
+                yield path, captions, bool(batch["audio_mask"][b]), None
+
+
+def already_captioned(path):
+    """The files a JSON Lines output already holds. A last line cut off by a stopped run is
+    removed from the file (its clip is captioned again)."""
+    done, good_bytes = set(), 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                done.add(json.loads(line)["video"])
+            except (ValueError, KeyError):
+                break  # a partial line: everything from here on is rewritten
+            good_bytes += len(line)
+    if good_bytes < os.path.getsize(path):
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    return done
 
 
 def main(argv=None):
@@ -153,21 +219,31 @@ def main(argv=None):
     except (FileNotFoundError, KeyError, ValueError) as e:  # M.CheckpointError is both; one line, no traceback
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
-    as_jsonl = len(files) > 1 or os.path.isdir(args.video[0])
+    as_jsonl = len(files) > 1 or os.path.isdir(args.video[0]) or args.out is not None
+    out = sys.stdout
+    if args.out is not None:
+        done = already_captioned(args.out) if args.resume and os.path.exists(args.out) else set()
+        if done:
+            todo = [f for f in files if f not in done]
+            print(f"{args.out}: {len(files) - len(todo)} of {len(files)} files already captioned, "
+                  f"{len(todo)} to go (--no-resume starts afresh)", file=sys.stderr)
+            files = todo
+        out = open(args.out, "a" if done else "w")
     failed = 0
-    for path in files:
-        try:
-            captions, has_audio = caption_file(net, tokenizer, path, args)
-        except data.MediaError as e:
-            print(f"error: {e.path}: {e.reason}", file=sys.stderr)
-            failed += 1
-            continue
-        if as_jsonl:
-            print(json.dumps({"video": path, "captions": captions, "audio": has_audio}))
-        else:
-            if not has_audio:  # on stderr: stdout holds captions only
-                print(f"(no audio track in {path}: captioned from the video alone)", file=sys.stderr)
-            print("\n".join(captions))
+    bar = tqdm(total=len(files), unit="clip", disable=not as_jsonl, dynamic_ncols=True, file=sys.stderr)
+    with bar, out if out is not sys.stdout else contextlib.nullcontext():
+        for path, captions, has_audio, error in caption_batches(net, tokenizer, files, args):
+            bar.update(1)
+            if error is not None:
+                bar.write(f"error: {path}: {error}", file=sys.stderr)
+                failed += 1
+            elif as_jsonl:
+                out.write(json.dumps({"video": path, "captions": captions, "audio": has_audio}) + "\n")
+                out.flush()  # a result is on disk as soon as its batch is done
+            else:
+                if not has_audio:  # on stderr: stdout holds captions only
+                    print(f"(no audio track in {path}: captioned from the video alone)", file=sys.stderr)
+                print("\n".join(captions))
     return 1 if failed else 0
 
 

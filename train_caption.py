@@ -243,18 +243,6 @@ def uniform_hash(*key):
     return int.from_bytes(digest[:8], "little") / 2 ** 64
 
 
-def model_inputs(batch, device, cached=False):
-    """The batch as keyword arguments of the model. From a feature cache, batch["video"] and
-    batch["audio"] hold fp16 encoder outputs, which the model takes as *_tokens."""
-    out = {k: (batch[k].to(device, non_blocking=True) if batch[k] is not None else None)
-           for k in ("video", "audio", "video_mask", "audio_mask")}
-    if cached:
-        for k in ("video", "audio"):
-            t = out.pop(k)
-            out[f"{k}_tokens"] = None if t is None else t.float()
-    return out
-
-
 @torch.no_grad()
 def evaluate(net, dataset, references, tokenizer, device, ctx, args, limit=0):
     """Caption each clip of `dataset` (one item per clip) once, with the decoding flags, and
@@ -277,7 +265,7 @@ def evaluate(net, dataset, references, tokenizer, device, ctx, args, limit=0):
             if not batch["ids"]:
                 continue
             with ctx:
-                ids = net.generate(**model_inputs(batch, device, args.cache_features), **T.decoding_kwargs(args))
+                ids = net.generate(**T.model_inputs(batch, device, args.cache_features), **T.decoding_kwargs(args))
             for rec, row in zip(batch["records"], ids.cpu()):
                 preds[rec["id"]] = tokenizer.decode(row)
                 records.append(rec)
@@ -425,7 +413,7 @@ def main(argv=None):
         ids, mask = tokenizer.encode(batch["captions"], cfg.max_text_len)
         with ctx:
             _, loss = model(captions=ids.to(device), caption_mask=mask.to(device),
-                            **model_inputs(batch, device, args.cache_features))
+                            **T.model_inputs(batch, device, args.cache_features))
         return loss, {}
 
     def validate_and_save(step, bar):

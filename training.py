@@ -611,6 +611,18 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.indices()) - self.start
 
 
+def model_inputs(batch, device, cached=False):
+    """The batch as keyword arguments of the model. From a feature cache, batch["video"] and
+    batch["audio"] hold fp16 encoder outputs, which the model takes as *_tokens."""
+    out = {k: (batch[k].to(device, non_blocking=True) if batch[k] is not None else None)
+           for k in ("video", "audio", "video_mask", "audio_mask")}
+    if cached:
+        for k in ("video", "audio"):
+            t = out.pop(k)
+            out[f"{k}_tokens"] = None if t is None else t.float()
+    return out
+
+
 def loader_workers(args, reads_cache, device):
     """--num-workers, or by default 2 loader processes for decoding media and none for reading
     a cache on a CPU: a cached item is a copy out of a memory map, and worker processes, which

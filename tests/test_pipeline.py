@@ -225,6 +225,37 @@ def test_sample_captions_every_video_in_a_folder_whatever_its_extension(clips, t
     assert "skipped, not readable as a video: " + str(folder / "notes.txt") in err and "e.wav" not in err
 
 
+def test_sample_writes_a_collection_as_it_goes_and_a_rerun_does_only_the_rest(clips, trained, tmp_path, capsys):
+    """A folder through the batched path (loader workers, batches of 2) gives each file the
+    caption it gets alone; a run stopped mid-file (a cut-off last line) is finished by a rerun
+    that skips what --out already holds and rewrites the cut line."""
+    _, ckpt = trained
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    names = [f"test_{i:05d}.mp4" for i in range(28, 33)]
+    for name in names:
+        shutil.copy(os.path.join(clips, name), folder / name)
+    flags = ["--ckpt", ckpt, "--max-length", "8", "--device", "cpu"]
+    alone = {}
+    for name in names:
+        assert sample.main(["--video", str(folder / name), *flags]) == 0
+        alone[name] = capsys.readouterr().out.strip()
+    out = tmp_path / "captions.jsonl"
+    batched = ["--video", str(folder), "--out", str(out), "--batch-size", "2", "--num-workers", "1", *flags]
+    assert sample.main(batched) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {os.path.basename(r["video"]): r["captions"] for r in lines} == {n: [c] for n, c in alone.items()}
+    assert [os.path.basename(r["video"]) for r in lines] == names  # in order, each once
+
+    kept = out.read_text().splitlines(keepends=True)[:2]
+    out.write_text("".join(kept) + '{"video": "' + str(folder / names[2])[:10])  # stopped mid-line
+    capsys.readouterr()
+    assert sample.main(batched) == 0
+    assert "2 of 5 files already captioned, 3 to go" in capsys.readouterr().err
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert again == lines
+
+
 def write_still(path, codec, pix_fmt):
     """A 32x32 picture through FFmpeg's image2 muxer (png, mjpeg: a .png, a .jpg)."""
     import av
