@@ -648,7 +648,15 @@ class UniQ4Cap(nn.Module):
             nn.init.zeros_(m.bias)
 
     def encoder_parameters(self):
-        return [*self.video_encoder.parameters(), *self.audio_encoder.parameters()]
+        return [p for enc in (self.video_encoder, self.audio_encoder) if enc is not None for p in enc.parameters()]
+
+    def drop_encoders(self):
+        """Let go of the frozen towers once a feature cache holds their outputs: a model that
+        trains and evaluates from cached tokens never calls them, and at the full preset they
+        are 0.6B of its 0.8B parameters. Pixels given afterwards are an error (encode)."""
+        if not self.freeze_encoders:
+            raise ValueError("trained encoders cannot be dropped: they are part of what is trained")
+        self.video_encoder = self.audio_encoder = None
 
     def unreachable_parameters(self):
         """Parameters no caption depends on: BLIP-2's retrieval and matching heads (`temp`,
@@ -666,7 +674,7 @@ class UniQ4Cap(nn.Module):
         one exception is the video tower of a `cfg.frozen_patch_dropout` model, which drops
         patches in training as the authors' did (they left the encoders in training mode)."""
         super().train(mode)
-        if self.freeze_encoders:
+        if self.freeze_encoders and self.video_encoder is not None:  # (None: drop_encoders)
             self.audio_encoder.eval()
             self.video_encoder.train(mode and self.video_encoder.drop_patches_in_training)
         return self
@@ -685,6 +693,9 @@ class UniQ4Cap(nn.Module):
         for name, pixels, tokens in (("video", video, video_tokens), ("audio", audio, audio_tokens)):
             if pixels is not None and tokens is not None:
                 raise ValueError(f"{name} given twice: as pixels and as {name}_tokens")
+            if pixels is not None and getattr(self, f"{name}_encoder") is None:
+                raise ValueError(f"{name} given as pixels, but the encoders were dropped (drop_encoders): "
+                                 f"give {name}_tokens")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoders):
             if video is not None:
                 video_tokens = self.video_encoder(video)[0]

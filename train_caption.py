@@ -373,12 +373,6 @@ def main(argv=None):
         # the frozen encoders only read: hold them in bf16 (half the memory, no casts per step)
         net.video_encoder.to(dtype)
         net.audio_encoder.to(dtype)
-    # no find_unused_parameters under DDP: every trained parameter gets a gradient on every
-    # rank (what the caption cannot reach is frozen, UniQ4Cap.unreachable_parameters, and a
-    # modality absent from a micro-batch gives a zero one, UniQ4Cap.memory)
-    model = T.training_handle(net, args.compile, ddp, device)
-    optimizer = T.make_optimizer(net, args.lr, args.weight_decay, device_type=device.type)
-
     media = data.MediaConfig.from_model(cfg)
     train_set = data.AVCaptionDataset(anns["train"], data_dir, media, args.caption_field,
                                       train=not args.cache_features, modalities=args.modalities, seed=args.seed)
@@ -397,7 +391,13 @@ def main(argv=None):
             sets[split].build(net, device, ctx, args.batch_size, T.loader_workers(args, False, device), rank,
                               world, f"cache {split}")
         train_set, val_set, test_set = sets["train"], sets["val"], sets["test"]
+        net.drop_encoders()  # their outputs are in the cache: training holds only what it trains
     args.num_workers = T.loader_workers(args, args.cache_features, device)  # training's and evaluation's loaders
+    # no find_unused_parameters under DDP: every trained parameter gets a gradient on every
+    # rank (what the caption cannot reach is frozen, UniQ4Cap.unreachable_parameters, and a
+    # modality absent from a micro-batch gives a zero one, UniQ4Cap.memory)
+    model = T.training_handle(net, args.compile, ddp, device)
+    optimizer = T.make_optimizer(net, args.lr, args.weight_decay, device_type=device.type)
     step, position, extras = T.resume_training(resumed, args.resume, lambda sd: M.map_stage2(net, sd, args.resume),
                                                optimizer)
     best = extras.get("best")

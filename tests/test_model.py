@@ -204,6 +204,25 @@ def test_each_modality_comes_as_pixels_or_as_cached_tokens(model):
         model(video, captions=captions, video_tokens=v)
 
 
+def test_a_model_trained_from_cached_tokens_lets_go_of_its_towers(model):
+    """drop_encoders (train_caption.py calls it once the feature cache is built): the towers
+    leave the parameters and the state dict, the caption from cached tokens is unchanged, and
+    pixels are refused by name."""
+    video, audio, captions, mask = make_batch(model.cfg)
+    v, a = model.encode(video, audio)
+    logits, _ = model(captions=captions, caption_mask=mask, video_tokens=v, audio_tokens=a)
+    towers = sum(p.numel() for p in model.encoder_parameters())
+    before = model.num_params()
+    model.drop_encoders()
+    assert model.num_params() == before - towers and model.encoder_parameters() == []
+    assert not any(k.startswith(("video_encoder.", "audio_encoder.")) for k in model.state_dict())
+    model.train().eval()  # switching modes needs no towers either
+    again, _ = model(captions=captions, caption_mask=mask, video_tokens=v, audio_tokens=a)
+    assert torch.equal(again, logits)
+    with pytest.raises(ValueError, match="encoders were dropped"):
+        model(video, captions=captions, audio_tokens=a)
+
+
 def test_missing_audio_is_masked_not_noise(model):
     """A clip without audio gives the same captions whatever its (zero-filled) audio holds."""
     video, audio, captions, mask = make_batch(model.cfg)
