@@ -12,6 +12,8 @@ Rows:
                   (the Q-Former step is the whole stage-2 step when features are cached)
   cache-read      batches read from a feature cache at the paper's shapes, cold and from the
                   page cache, vs the cached-feature step they feed (>= 1x: the loader keeps pace)
+  memory          peak memory of the full preset's cached stage-2 step with the frozen towers
+                  kept vs dropped (UniQ4Cap.drop_encoders), each in a fresh process
   sample          sample.py on 64 embedded clips (tiny): batched, decoding in loader workers, vs
                   one clip at a time; and whether decoding or the model bounds it
 
@@ -20,6 +22,7 @@ Rows:
 """
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -253,6 +256,51 @@ def bench_decode(repeats):
     return out
 
 
+def _cached_step_peak(keep_towers, device_name, dtype_name, batch):
+    """In a fresh process: the full preset built as train_caption.py builds it, its towers kept
+    (the code before drop_encoders) or dropped, then the peak memory of two cached-feature
+    training steps with AdamW, counted from after the build (so it is what training holds,
+    not what loading took): the resident set's high-water mark on a CPU, allocated memory on
+    CUDA. Bytes."""
+    device, dtype = torch.device(device_name), getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    cfg = M.full_config()
+    cfg.frozen_patch_dropout = False
+    net = M.UniQ4Cap(cfg).to(device)
+    if dtype == torch.bfloat16:  # train_caption.py holds frozen towers in bf16
+        net.video_encoder.to(dtype)
+        net.audio_encoder.to(dtype)
+    if not keep_towers:
+        net.drop_encoders()
+    gc.collect()
+    optimizer = T.make_optimizer(net, 1e-4, 0.05, device_type=device.type)
+    v, a, ids = paper_batch(cfg, batch, device)
+    net.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset the resident set's high-water mark (VmHWM)
+    for _ in range(2):
+        with autocast_context(device, dtype):
+            _, loss = net(captions=ids, video_tokens=v, audio_tokens=a)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
+
+
+def bench_memory(device, dtype, batch):
+    """_cached_step_peak with the towers kept vs dropped, each in a process of its own."""
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        return {keep: pool.apply(_cached_step_peak, (keep, str(device), str(dtype).replace("torch.", ""), batch))
+                for keep in (True, False)}
+
+
 def bench_sample(device, repeats, clips=64, batch=16, workers=2, tokens=14):
     """sample.py on a folder of `clips` embedded-dataset clips at the tiny preset: the batched
     path (decoding in `workers` loader processes while the model captions `batch` clips per
@@ -310,7 +358,7 @@ def main():
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
     p.add_argument("--batch", type=int, default=0, help="batch for the step rows (default: 2 on CPU, 16 on CUDA)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
-    p.add_argument("--only", default="", help="comma-separated rows: qformer-step,compile,cached-step,cache-read,kv-cache,decode,sample "
+    p.add_argument("--only", default="", help="comma-separated rows: qformer-step,compile,cached-step,cache-read,kv-cache,decode,memory,sample "
                                              "(compile runs by default on CUDA only)")
     p.add_argument("--out", default="out/bench.json", help="where the JSON goes")
     args = p.parse_args()
@@ -391,6 +439,17 @@ def main():
     if want("decode"):
         for seconds, (every, ours) in bench_decode(args.repeats).items():
             row(f"decode {seconds}s 720p", "every frame", every, "ours", ours, "8 frames + audio")
+    if want("memory"):
+        mb = 1 if device.type == "cpu" else batch
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        peak = bench_memory(device, dtype, mb)
+        kind = "peak allocated" if device.type == "cuda" else "peak RSS"
+        rows.append(("memory cached-step", f"towers kept {peak[True] / 2**30:.2f} GiB",
+                     f"dropped {peak[False] / 2**30:.2f} GiB", f"{peak[False] / peak[True]:.2f}x",
+                     f"{kind} of two full-preset steps with AdamW from cached features, batch {mb}, "
+                     f"{str(dtype).replace('torch.', '')}, after the model is built"))
+        results["memory cached-step"] = {"kind": kind, "towers_kept_bytes": peak[True],
+                                         "towers_dropped_bytes": peak[False], "batch": mb}
     if want("sample"):
         t = bench_sample(device, args.repeats)
         bound = "decoding" if t["decode"] > t["model"] else "the model"
