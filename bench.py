@@ -14,7 +14,7 @@ Rows:
                   page cache, vs the cached-feature step they feed (>= 1x: the loader keeps pace)
   memory          peak memory of the full preset's cached stage-2 step with the frozen towers
                   kept vs dropped (UniQ4Cap.drop_encoders), each in a fresh process
-  sample          sample.py on 64 embedded clips (tiny): batched, decoding in loader workers, vs
+  sample          sample.py on 256 embedded clips (tiny): batched, decoding in loader workers, vs
                   one clip at a time; and whether decoding or the model bounds it
 
     python bench.py                       # everything on the CPU (and CUDA if present)
@@ -301,7 +301,7 @@ def bench_memory(device, dtype, batch):
                 for keep in (True, False)}
 
 
-def bench_sample(device, repeats, clips=64, batch=16, workers=2, tokens=14):
+def bench_sample(device, repeats, clips=256, batch=16, workers=2, tokens=14):
     """sample.py on a folder of `clips` embedded-dataset clips at the tiny preset: the batched
     path (decoding in `workers` loader processes while the model captions `batch` clips per
     generate call) vs the one-at-a-time loop it replaced (decode a file, caption it, the next),
@@ -453,10 +453,10 @@ def main():
     if want("sample"):
         t = bench_sample(device, args.repeats)
         bound = "decoding" if t["decode"] > t["model"] else "the model"
-        row("sample.py 64 clips", "one at a time", t["one"], "batched", t["batched"],
-            f"tiny, batches of 16, 2 decoding workers; per clip: loader alone {t['decode'] * 1e3:.0f} ms, "
-            f"model alone {t['model'] * 1e3:.0f} ms: bound by {bound}")
-        results["sample.py 64 clips"].update(decode_s=t["decode"], model_s=t["model"], bound=bound)
+        row("sample.py 256 clips", "one at a time", t["one"], "batched", t["batched"],
+            f"tiny, batches of 16, 2 decoding workers; per clip: loader alone {t['decode'] * 1e3:.1f} ms, "
+            f"model alone {t['model'] * 1e3:.1f} ms: bound by {bound}")
+        results["sample.py 256 clips"].update(decode_s=t["decode"], model_s=t["model"], bound=bound)
 
     widths = [max(len(str(r[i])) for r in rows + [("row", "baseline", "candidate", "ratio", "")]) for i in range(5)]
     print(f"device {device}, batch {batch}, torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -373,6 +373,11 @@ def main(argv=None):
         # the frozen encoders only read: hold them in bf16 (half the memory, no casts per step)
         net.video_encoder.to(dtype)
         net.audio_encoder.to(dtype)
+    if ddp:
+        # a run's own initialisation drew each rank's towers with seed + rank: every rank takes
+        # rank 0's before the cache's fingerprint is taken (the DDP wrapper, which would do it,
+        # comes after the cache, when the towers are gone)
+        T.broadcast_from_rank0(net.encoder_parameters())
     media = data.MediaConfig.from_model(cfg)
     train_set = data.AVCaptionDataset(anns["train"], data_dir, media, args.caption_field,
                                       train=not args.cache_features, modalities=args.modalities, seed=args.seed)

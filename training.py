@@ -265,6 +265,14 @@ def seed_everything(seed, rank=0):
     torch.manual_seed(seed + rank)
 
 
+def broadcast_from_rank0(tensors):
+    """Every rank takes rank 0's values of `tensors`, in place (DDP does this for the module it
+    wraps when it wraps it)."""
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t, src=0)
+
+
 def training_handle(model, compile, ddp, device):
     """The handle to train through: `model` torch.compile'd when `compile`, then, under
     torchrun, wrapped in DistributedDataParallel (compile first, then wrap, as nanoGPT).
