@@ -12,7 +12,7 @@
 
 --ckpt defaults to train_caption.py's output (out/caption/best.pth), which carries its config,
 tokenizer and encoder files. The authors' stage-2 checkpoint works too, given their encoders
-and bert-base-cased's vocabulary. A folder is captioned file by file: every file PyAV can
+and bert-base-cased's vocabulary. A folder's captions cover every file PyAV can
 open with a video stream, whatever its extension, except still pictures (a `<stem>.wav`
 beside a video is that video's soundtrack, not a file to caption); the others are listed on
 stderr as not readable as videos. A video without a soundtrack is captioned from its frames
