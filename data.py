@@ -507,6 +507,12 @@ def from_vatex(items):
     return [{"id": v["videoID"], "caption": list(v["enCap"])} for v in items]
 
 
+def item_generator(seed, epoch, i):
+    """The generator of item i's random draws in an epoch, whichever process loads it: every
+    dataset's augmentation is reproducible and resumable from (seed, epoch, index) alone."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + i)
+
+
 class AVCaptionDataset(torch.utils.data.Dataset):
     """Clips `data_dir/<id>.mp4` (sound from `<id>.wav` when present) with their captions.
     Items: one per (clip, caption) pair, what training sees; with by_clip=True one per clip,
@@ -539,7 +545,7 @@ class AVCaptionDataset(torch.utils.data.Dataset):
 
     def item_generator(self, i):
         """Item i's random draws in this epoch, in order: the flip, then the audio chunks."""
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+        return item_generator(self.seed, self.epoch, i)
 
     def media_path(self, clip_id):
         return os.path.join(self.data_dir, f"{clip_id}.mp4")

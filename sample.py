@@ -156,10 +156,8 @@ class VideoFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path = self.files[i]
-        # the draws of the original's random evaluation transforms (MediaConfig), if any
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        try:
-            item = data.decode_clip(path, self.media, generator=g)
+        try:  # draws only for the original's random evaluation transforms (MediaConfig), if on
+            item = data.decode_clip(path, self.media, generator=data.item_generator(self.seed, 0, i))
         except data.MediaError as e:
             return {"id": i, "error": (e.path, e.reason)}
         return {"id": i, "path": path, "caption": None, "record": None, **item}
@@ -189,16 +187,22 @@ def caption_batches(net, tokenizer, files, args):
 
 
 def already_captioned(path):
-    """The files a JSON Lines output already holds. A last line cut off by a stopped run is
-    removed from the file (its clip is captioned again)."""
+    """The files a JSON Lines output of this script already holds. A last line cut off by a
+    stopped run (no newline, not JSON) is removed from the file and its clip captioned again;
+    any other line that is not one of our records means `path` is some other file, and it is
+    left alone: ValueError."""
     done, good_bytes = set(), 0
     with open(path, "rb") as f:
-        for line in f:
-            try:
-                done.add(json.loads(line)["video"])
-            except (ValueError, KeyError):
-                break  # a partial line: everything from here on is rewritten
-            good_bytes += len(line)
+        lines = f.readlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            done.add(json.loads(line)["video"])
+        except (ValueError, KeyError, TypeError):
+            if n == len(lines) and not line.endswith(b"\n"):
+                break  # cut off mid-line: rewritten from here
+            raise ValueError(f"line {n} is not a caption record of sample.py: not resuming into another "
+                             f"kind of file (give another --out, or --no-resume to overwrite it)") from None
+        good_bytes += len(line)
     if good_bytes < os.path.getsize(path):
         with open(path, "r+b") as f:
             f.truncate(good_bytes)
@@ -220,18 +224,22 @@ def main(argv=None):
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
     as_jsonl = len(files) > 1 or os.path.isdir(args.video[0]) or args.out is not None
-    out = sys.stdout
+    sink = contextlib.nullcontext(sys.stdout)
     if args.out is not None:
-        done = already_captioned(args.out) if args.resume and os.path.exists(args.out) else set()
+        try:
+            done = already_captioned(args.out) if args.resume and os.path.exists(args.out) else set()
+            sink = open(args.out, "a" if done else "w")
+        except (OSError, ValueError) as e:
+            print(f"error: --out {args.out}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            return 2
         if done:
             todo = [f for f in files if f not in done]
             print(f"{args.out}: {len(files) - len(todo)} of {len(files)} files already captioned, "
                   f"{len(todo)} to go (--no-resume starts afresh)", file=sys.stderr)
             files = todo
-        out = open(args.out, "a" if done else "w")
     failed = 0
     bar = tqdm(total=len(files), unit="clip", disable=not as_jsonl, dynamic_ncols=True, file=sys.stderr)
-    with bar, out if out is not sys.stdout else contextlib.nullcontext():
+    with bar, sink as out:
         for path, captions, has_audio, error in caption_batches(net, tokenizer, files, args):
             bar.update(1)
             if error is not None:

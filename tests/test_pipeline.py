@@ -255,6 +255,13 @@ def test_sample_writes_a_collection_as_it_goes_and_a_rerun_does_only_the_rest(cl
     again = [json.loads(line) for line in out.read_text().splitlines()]
     assert again == lines
 
+    other = tmp_path / "notes.txt"  # --out naming some other file: refused, left as it was
+    other.write_text("not captions\nat all\n")
+    assert sample.main([*batched[:2], "--out", str(other), *batched[4:]]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"error: --out {other}: line 1 is not a caption record")
+    assert other.read_text() == "not captions\nat all\n"
+
 
 def write_still(path, codec, pix_fmt):
     """A 32x32 picture through FFmpeg's image2 muxer (png, mjpeg: a .png, a .jpg)."""
