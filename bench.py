@@ -12,8 +12,9 @@ Rows:
                   (the Q-Former step is the whole stage-2 step when features are cached)
   cache-read      batches read from a feature cache at the paper's shapes, cold and from the
                   page cache, vs the cached-feature step they feed (>= 1x: the loader keeps pace)
-  memory          peak memory of the full preset's cached stage-2 step with the frozen towers
-                  kept vs dropped (UniQ4Cap.drop_encoders), each in a fresh process
+  memory          peak memory of a process that builds the full preset and takes two cached
+                  stage-2 steps, the frozen towers built vs never built (a run whose feature
+                  cache is complete), each in a fresh process
   sample          sample.py on 256 embedded clips (tiny): batched, decoding in loader workers, vs
                   one clip at a time; and whether decoding or the model bounds it
 
@@ -22,7 +23,6 @@ Rows:
 """
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -256,31 +256,23 @@ def bench_decode(repeats):
     return out
 
 
-def _cached_step_peak(keep_towers, device_name, dtype_name, batch):
-    """In a fresh process: the full preset built as train_caption.py builds it, its towers kept
-    (the code before drop_encoders) or dropped, then the peak memory of two cached-feature
-    training steps with AdamW, counted from after the build (so it is what training holds,
-    not what loading took): the resident set's high-water mark on a CPU, allocated memory on
-    CUDA. Bytes."""
+def _cached_step_peak(towers, device_name, dtype_name, batch):
+    """In a fresh process: the full preset built as train_caption.py builds it when its feature
+    cache is complete, with the frozen towers built and kept (the code before
+    UniQ4Cap(encoders=False)) or never built, then two cached-feature training steps with
+    AdamW. The peak memory of the whole process, building included: the resident set's
+    high-water mark on a CPU, allocated memory on CUDA. Bytes."""
     device, dtype = torch.device(device_name), getattr(torch, dtype_name)
     torch.manual_seed(0)
     cfg = M.full_config()
     cfg.frozen_patch_dropout = False
-    net = M.UniQ4Cap(cfg).to(device)
-    if dtype == torch.bfloat16:  # train_caption.py holds frozen towers in bf16
+    net = M.UniQ4Cap(cfg, encoders=towers).to(device)
+    if towers and dtype == torch.bfloat16:  # train_caption.py holds frozen towers in bf16
         net.video_encoder.to(dtype)
         net.audio_encoder.to(dtype)
-    if not keep_towers:
-        net.drop_encoders()
-    gc.collect()
     optimizer = T.make_optimizer(net, 1e-4, 0.05, device_type=device.type)
     v, a, ids = paper_batch(cfg, batch, device)
     net.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: reset the resident set's high-water mark (VmHWM)
     for _ in range(2):
         with autocast_context(device, dtype):
             _, loss = net(captions=ids, video_tokens=v, audio_tokens=a)
@@ -294,11 +286,11 @@ def _cached_step_peak(keep_towers, device_name, dtype_name, batch):
 
 
 def bench_memory(device, dtype, batch):
-    """_cached_step_peak with the towers kept vs dropped, each in a process of its own."""
+    """_cached_step_peak with the towers built vs never built, each in a process of its own."""
     import multiprocessing
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        return {keep: pool.apply(_cached_step_peak, (keep, str(device), str(dtype).replace("torch.", ""), batch))
-                for keep in (True, False)}
+        return {towers: pool.apply(_cached_step_peak, (towers, str(device), str(dtype).replace("torch.", ""), batch))
+                for towers in (True, False)}
 
 
 def bench_sample(device, repeats, clips=256, batch=16, workers=2, tokens=14):
@@ -444,12 +436,12 @@ def main():
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         peak = bench_memory(device, dtype, mb)
         kind = "peak allocated" if device.type == "cuda" else "peak RSS"
-        rows.append(("memory cached-step", f"towers kept {peak[True] / 2**30:.2f} GiB",
-                     f"dropped {peak[False] / 2**30:.2f} GiB", f"{peak[False] / peak[True]:.2f}x",
-                     f"{kind} of two full-preset steps with AdamW from cached features, batch {mb}, "
-                     f"{str(dtype).replace('torch.', '')}, after the model is built"))
-        results["memory cached-step"] = {"kind": kind, "towers_kept_bytes": peak[True],
-                                         "towers_dropped_bytes": peak[False], "batch": mb}
+        rows.append(("memory cached-step", f"towers built {peak[True] / 2**30:.2f} GiB",
+                     f"never built {peak[False] / 2**30:.2f} GiB", f"{peak[False] / peak[True]:.2f}x",
+                     f"{kind} of a process that builds the full preset and runs two steps with AdamW "
+                     f"from cached features, batch {mb}, {str(dtype).replace('torch.', '')}"))
+        results["memory cached-step"] = {"kind": kind, "towers_built_bytes": peak[True],
+                                         "towers_never_built_bytes": peak[False], "batch": mb}
     if want("sample"):
         t = bench_sample(device, args.repeats)
         bound = "decoding" if t["decode"] > t["model"] else "the model"

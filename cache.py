@@ -59,19 +59,29 @@ def clip_identity(path):
     return (*file_identity(path), *(file_identity(sound) if sound != path else (-1, -1)))
 
 
-def encoder_fingerprint(net, modalities, dtype):
-    """sha256 over the frozen encoders a cache depends on: every parameter and buffer
-    (name, shape, dtype, bytes), and the dtype the features are computed in. Computed once
-    per run and handed to each split's FeatureCache."""
+def encoder_fingerprint(towers, modalities, dtype):
+    """sha256 over the frozen encoders a cache depends on, and the dtype the features are
+    computed in; computed once per run and handed to each split's FeatureCache. `towers`
+    maps "video" / "audio" to what its tower is: (weights file, tower config) (the file's
+    bytes are hashed with the config, so a run whose caches are complete never has to build
+    the tower), or a built `VisionTransformer` (every parameter and buffer is hashed: a
+    run's own initialisation, which has no file to read)."""
     h = hashlib.sha256(f"v{VERSION} {dtype}".encode())
-    towers = {"video": net.video_encoder, "audio": net.audio_encoder}
     for name in ("video", "audio"):
         if name not in modalities:
             continue
-        for k, t in sorted(towers[name].state_dict().items()):
-            t = t.detach().to("cpu").contiguous()
-            h.update(f"{name}.{k} {tuple(t.shape)} {t.dtype}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        tower = towers[name]
+        if isinstance(tower, torch.nn.Module):
+            for k, t in sorted(tower.state_dict().items()):
+                t = t.detach().to("cpu").contiguous()
+                h.update(f"{name}.{k} {tuple(t.shape)} {t.dtype}".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            path, cfg = tower
+            h.update(f"{name} file {json.dumps(asdict(cfg), sort_keys=True)}".encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
     return h.hexdigest()
 
 
@@ -150,6 +160,11 @@ class FeatureCache(torch.utils.data.Dataset):
     def close(self):
         """Drop this process's maps of the files (they are opened again on the next read)."""
         self._arrays = None
+
+    def complete(self):
+        """Whether every row exists and was computed from the files as they are now."""
+        names = ["state", "files", *self.modalities]
+        return all(os.path.exists(self.path(k)) for k in names) and not self.stale()
 
     def stale(self):
         """Rows never computed, or computed from a file that has changed since."""

@@ -592,12 +592,18 @@ class UniQ4Cap(nn.Module):
     """Video and audio encoders -> per-modality LayerNorm + projection -> one memory ->
     Q-Former queries -> caption. Module names match the authors' stage-2 checkpoint."""
 
-    def __init__(self, cfg: UniQ4CapConfig, freeze_encoders=True):
+    def __init__(self, cfg: UniQ4CapConfig, freeze_encoders=True, encoders=True):
         super().__init__()
         self.cfg = cfg
+        self.freeze_encoders = freeze_encoders
         q = cfg.qformer
-        self.video_encoder = VisionTransformer(cfg.video)
-        self.audio_encoder = VisionTransformer(cfg.audio)
+        # The towers initialise from a generator of their own, seeded by one draw from the
+        # global one, so the rest of the model initialises the same whether they are built
+        # here, later (build_encoders) or never (a run that reads a complete feature cache).
+        # The slots keep their place, and so the state dict's order, until they are filled.
+        self.encoder_seed = int(torch.randint(2 ** 62, (), device="cpu"))  # (cpu: also under a meta device)
+        self.register_module("video_encoder", None)
+        self.register_module("audio_encoder", None)
         self.ln_video = LayerNormFp32(cfg.video.width)
         self.ln_audio = LayerNormFp32(cfg.audio.width)
         self.video_project = nn.Linear(cfg.video.width, q.encoder_width)
@@ -610,27 +616,21 @@ class UniQ4Cap(nn.Module):
         self.text_proj = nn.Linear(q.hidden, q.proj_dim)
         self.itm_head = nn.Linear(q.hidden, 2)
         self.temp = nn.Parameter(torch.tensor(0.07))
-        for child in self.children():  # the towers initialised themselves
-            if child is not self.video_encoder and child is not self.audio_encoder:
-                child.apply(self._init_weights)
+        for child in self.children():  # (no towers yet: they initialise themselves)
+            child.apply(self._init_weights)
         nn.init.normal_(self.query_tokens, std=0.02)
         for proj in (self.video_project, self.audio_project):
             # new layers reading LayerNorm'd tokens: std fan_in^-0.5 keeps the memory at unit
             # scale. BERT's 0.02 is that value for ~2,500 inputs; at the tiny preset's 64 it
             # left the memory so faint that a video-only model often never learned to read it
             nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
-        self.freeze_encoders = freeze_encoders
-        if freeze_encoders:
-            for p in self.encoder_parameters():
-                p.requires_grad_(False)
         # What the caption loss cannot reach stays in the model and its state dict (the
         # authors' and BLIP-2's files carry it) but is never trained: nothing would give it a
         # gradient, and under DDP a trained parameter without one stops the run
         for p in self.unreachable_parameters():
             p.requires_grad_(False)
-        # patch dropout's one decision: trained encoders drop patches in training; frozen ones only
-        # when the config says so (the authors' stage 2, see UniQ4CapConfig)
-        self.video_encoder.drop_patches_in_training = cfg.frozen_patch_dropout or not freeze_encoders
+        if encoders:
+            self.build_encoders()
         self.train()
 
     @staticmethod
@@ -649,6 +649,21 @@ class UniQ4Cap(nn.Module):
 
     def encoder_parameters(self):
         return [p for enc in (self.video_encoder, self.audio_encoder) if enc is not None for p in enc.parameters()]
+
+    def build_encoders(self):
+        """Build the two towers, freshly initialised from `encoder_seed` (the same weights
+        whenever they are built), on the CPU: the caller loads their weights and moves them."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.encoder_seed)
+            self.video_encoder = VisionTransformer(self.cfg.video)
+            self.audio_encoder = VisionTransformer(self.cfg.audio)
+        if self.freeze_encoders:
+            for p in self.encoder_parameters():
+                p.requires_grad_(False)
+        # patch dropout's one decision: trained encoders drop patches in training; frozen ones
+        # only when the config says so (the authors' stage 2, see UniQ4CapConfig)
+        self.video_encoder.drop_patches_in_training = self.cfg.frozen_patch_dropout or not self.freeze_encoders
+        return self.train(self.training)
 
     def drop_encoders(self):
         """Let go of the frozen towers once a feature cache holds their outputs: a model that
@@ -674,7 +689,7 @@ class UniQ4Cap(nn.Module):
         one exception is the video tower of a `cfg.frozen_patch_dropout` model, which drops
         patches in training as the authors' did (they left the encoders in training mode)."""
         super().train(mode)
-        if self.freeze_encoders and self.video_encoder is not None:  # (None: drop_encoders)
+        if self.freeze_encoders and self.video_encoder is not None:  # (None: not built, or dropped)
             self.audio_encoder.eval()
             self.video_encoder.train(mode and self.video_encoder.drop_patches_in_training)
         return self
@@ -694,7 +709,7 @@ class UniQ4Cap(nn.Module):
             if pixels is not None and tokens is not None:
                 raise ValueError(f"{name} given twice: as pixels and as {name}_tokens")
             if pixels is not None and getattr(self, f"{name}_encoder") is None:
-                raise ValueError(f"{name} given as pixels, but the encoders were dropped (drop_encoders): "
+                raise ValueError(f"{name} given as pixels, but this model has no encoders (not built, or dropped): "
                                  f"give {name}_tokens")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoders):
             if video is not None:

@@ -355,29 +355,37 @@ def main(argv=None):
     given = dict(encoders)  # what load_pretrained reads: files, folders or Hugging Face names
     if resumed is not None:
         check_same_run(args.resume, resumed, args, cfg, given)
-    net = M.UniQ4Cap(cfg)
-    for name, enc in (("video", net.video_encoder), ("audio", net.audio_encoder)):
-        if not encoders[name]:
-            # no stage-1 output: keep this run's own initialisation, saved so sample.py
-            # rebuilds the same frozen encoder
-            why = "--no-align" if args.no_align else f"nothing at {args.align_dir}/{name}.pth"
-            T.print0(f"no {name} encoder weights (no --{name}-encoder, {why}): "
-                     f"using this run's own initialisation of the {name} encoder")
-            encoders[name] = os.path.join(args.out_dir, f"{name}.pth")
-            if T.is_master():
-                T.save_checkpoint(encoders[name], enc.state_dict())
-    M.load_pretrained(net, video=given["video"], audio=given["audio"], bert=args.bert, blip2=args.blip2,
-                      query_noise=args.query_noise)
+    net = M.UniQ4Cap(cfg, encoders=False)  # the towers are built below, only if this run calls them
+    M.load_pretrained(net, bert=args.bert, blip2=args.blip2, query_noise=args.query_noise)
     net.to(device)
-    if dtype == torch.bfloat16:
-        # the frozen encoders only read: hold them in bf16 (half the memory, no casts per step)
-        net.video_encoder.to(dtype)
-        net.audio_encoder.to(dtype)
-    if ddp:
-        # a run's own initialisation drew each rank's towers with seed + rank: every rank takes
-        # rank 0's before the cache's fingerprint is taken (the DDP wrapper, which would do it,
-        # comes after the cache, when the towers are gone)
-        T.broadcast_from_rank0(net.encoder_parameters())
+
+    def add_towers():
+        net.build_encoders()
+        for name, enc in (("video", net.video_encoder), ("audio", net.audio_encoder)):
+            if not encoders[name]:
+                # no stage-1 output: keep this run's own initialisation, saved so sample.py
+                # rebuilds the same frozen encoder
+                why = "--no-align" if args.no_align else f"nothing at {args.align_dir}/{name}.pth"
+                T.print0(f"no {name} encoder weights (no --{name}-encoder, {why}): "
+                         f"using this run's own initialisation of the {name} encoder")
+                encoders[name] = os.path.join(args.out_dir, f"{name}.pth")
+                if T.is_master():
+                    T.save_checkpoint(encoders[name], enc.state_dict())
+        M.load_pretrained(net, video=given["video"], audio=given["audio"])
+        net.video_encoder.to(device)
+        net.audio_encoder.to(device)
+        if dtype == torch.bfloat16:
+            # the frozen encoders only read: hold them in bf16 (half the memory, no casts per step)
+            net.video_encoder.to(dtype)
+            net.audio_encoder.to(dtype)
+        if ddp:
+            # a run's own initialisation drew each rank's towers with seed + rank: every rank
+            # takes rank 0's before the cache's fingerprint is taken (the DDP wrapper, which
+            # would do it, comes after the cache, when the towers are gone)
+            T.broadcast_from_rank0(net.encoder_parameters())
+
+    if not args.cache_features or not all(given.values()):
+        add_towers()  # (a run's own initialisation is hashed from the built towers)
     media = data.MediaConfig.from_model(cfg)
     train_set = data.AVCaptionDataset(anns["train"], data_dir, media, args.caption_field,
                                       train=not args.cache_features, modalities=args.modalities, seed=args.seed)
@@ -389,14 +397,21 @@ def main(argv=None):
                                   if args.cache_features else "off: the encoders run on every batch"))
     if args.cache_features:
         # from here on the datasets yield encoder outputs instead of pixels and spectrograms
-        sets = {"train": train_set, "val": val_set, "test": test_set}
-        fingerprint = cache.encoder_fingerprint(net, args.modalities, dtype)
-        for split, dataset in sets.items():
-            sets[split] = cache.FeatureCache(args.cache_dir, dataset, cfg, fingerprint)
-            sets[split].build(net, device, ctx, args.batch_size, T.loader_workers(args, False, device), rank,
-                              world, f"cache {split}")
+        towers = {name: (M.weights_file(given[name]), getattr(cfg, name)) if given[name]
+                  else net.get_submodule(f"{name}_encoder") for name in ("video", "audio")}
+        fingerprint = cache.encoder_fingerprint(towers, args.modalities, dtype)
+        sets = {split: cache.FeatureCache(args.cache_dir, dataset, cfg, fingerprint)
+                for split, dataset in (("train", train_set), ("val", val_set), ("test", test_set))}
+        if net.video_encoder is None and not all(fc.complete() for fc in sets.values()):
+            add_towers()
+        for split, fc in sets.items():
+            fc.build(net, device, ctx, args.batch_size, T.loader_workers(args, False, device), rank, world,
+                     f"cache {split}")
         train_set, val_set, test_set = sets["train"], sets["val"], sets["test"]
-        net.drop_encoders()  # their outputs are in the cache: training holds only what it trains
+        if net.video_encoder is None:
+            T.print0("feature cache complete: the frozen encoders are not built")
+        else:
+            net.drop_encoders()  # their outputs are in the cache: training holds only what it trains
     args.num_workers = T.loader_workers(args, args.cache_features, device)  # training's and evaluation's loaders
     # no find_unused_parameters under DDP: every trained parameter gets a gradient on every
     # rank (what the caption cannot reach is frozen, UniQ4Cap.unreachable_parameters, and a

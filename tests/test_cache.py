@@ -31,7 +31,8 @@ def setup(clips, tmp_path, seed=0, media=None):
     net = M.UniQ4Cap(cfg).eval()  # eval: no Q-Former dropout, so two forwards can be compared
     media = media or data.MediaConfig.from_model(cfg)
     ds = data.AVCaptionDataset(os.path.join(clips, "train.json"), clips, media)
-    fingerprint = cache.encoder_fingerprint(net, "video+audio", torch.float32)
+    fingerprint = cache.encoder_fingerprint({"video": net.video_encoder, "audio": net.audio_encoder},
+                                            "video+audio", torch.float32)
     fc = cache.FeatureCache(str(tmp_path / "cache"), ds, cfg, fingerprint)
     return net, ds, fc
 
@@ -80,6 +81,25 @@ def test_other_encoder_weights_or_preprocessing_use_another_cache(clips, tmp_pat
     media.target_length += 8
     _, _, other_media = setup(clips, tmp_path, media=media)
     assert len({fc.dir, other_weights.dir, other_media.dir}) == 3
+
+
+def test_a_weights_file_is_fingerprinted_by_its_bytes_without_building_the_tower(tmp_path):
+    """The fingerprint of a tower given as a file reads the file, not a built tower: a run
+    whose caches are complete never builds the towers (train_caption.py). Another file, or
+    the same file for another tower configuration, is another fingerprint."""
+    cfg = M.tiny_config()
+    tower = M.VisionTransformer(cfg.video)
+    path = str(tmp_path / "video.pth")
+    torch.save(tower.state_dict(), path)
+    same = cache.encoder_fingerprint({"video": (path, cfg.video)}, "video", torch.float32)
+    assert cache.encoder_fingerprint({"video": (path, cfg.video)}, "video", torch.float32) == same
+    wider = M.tiny_config().video
+    wider.num_frames += 1
+    assert cache.encoder_fingerprint({"video": (path, wider)}, "video", torch.float32) != same
+    with torch.no_grad():
+        tower.post_layernorm.weight.add_(1e-3)
+    torch.save(tower.state_dict(), path)
+    assert cache.encoder_fingerprint({"video": (path, cfg.video)}, "video", torch.float32) != same
 
 
 def test_a_changed_file_is_computed_again_and_only_it(clips, tmp_path):

@@ -204,6 +204,25 @@ def test_each_modality_comes_as_pixels_or_as_cached_tokens(model):
         model(video, captions=captions, video_tokens=v)
 
 
+def test_the_towers_can_be_built_later_and_initialise_the_rest_alike():
+    """UniQ4Cap(cfg, encoders=False) is the model a run from a complete feature cache trains:
+    no towers, and the rest initialised exactly as in a model built with them (the towers
+    draw from a generator of their own). build_encoders gives the towers built at once."""
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    whole = UniQ4Cap(cfg).state_dict()
+    torch.manual_seed(0)
+    net = UniQ4Cap(cfg, encoders=False)
+    assert net.video_encoder is None and net.audio_encoder is None
+    rest = net.state_dict()
+    assert list(rest) == [k for k in whole if not k.startswith(("video_encoder.", "audio_encoder."))]
+    assert all(torch.equal(rest[k], whole[k]) for k in rest)
+    net.build_encoders()
+    assert list(net.state_dict()) == list(whole)  # the towers in their usual place
+    assert all(torch.equal(v, whole[k]) for k, v in net.state_dict().items())
+    assert not any(p.requires_grad for p in net.encoder_parameters())
+
+
 def test_a_model_trained_from_cached_tokens_lets_go_of_its_towers(model):
     """drop_encoders (train_caption.py calls it once the feature cache is built): the towers
     leave the parameters and the state dict, the caption from cached tokens is unchanged, and
@@ -219,7 +238,7 @@ def test_a_model_trained_from_cached_tokens_lets_go_of_its_towers(model):
     model.train().eval()  # switching modes needs no towers either
     again, _ = model(captions=captions, caption_mask=mask, video_tokens=v, audio_tokens=a)
     assert torch.equal(again, logits)
-    with pytest.raises(ValueError, match="encoders were dropped"):
+    with pytest.raises(ValueError, match="has no encoders"):
         model(video, captions=captions, audio_tokens=a)
 
 
@@ -296,7 +315,9 @@ def test_loss_at_init_is_log_vocab(model):
 
 
 def test_one_batch_can_be_overfit():
-    torch.manual_seed(0)
+    # (seed 1: of seeds 0-9, only 0's draw leaves one clip uncaptioned at 400 steps, two of its
+    # noise clips being hard to tell apart through the random towers)
+    torch.manual_seed(1)
     cfg = tiny_config()
     model = UniQ4Cap(cfg).train()
     video, audio, captions, mask = make_batch(cfg, B=4)

@@ -130,6 +130,23 @@ def test_stage2_trains_from_the_feature_cache(clips, tmp_path):
     assert os.path.exists(tmp_path / "caption" / "metrics.json")
 
 
+def test_a_run_whose_feature_cache_is_complete_never_builds_the_towers(clips, tmp_path, monkeypatch):
+    """Encoders given as files are fingerprinted by their bytes: the first run builds the
+    towers to fill the cache, a second run on the same files finds it complete, never builds
+    them, and trains exactly as the first."""
+    own = str(tmp_path / "own")  # a run's own initialisation, saved as files to give the others
+    train_caption.main(common(clips, own, 1) + ["--eval-max", "2", "--no-cache-features", "--no-align"])
+    args = ["--eval-every", "2", "--eval-max", "2", "--cache-features", "--cache-dir", str(tmp_path / "cache"),
+            "--video-encoder", os.path.join(own, "video.pth"), "--audio-encoder", os.path.join(own, "audio.pth")]
+    first = train_caption.main(common(clips, str(tmp_path / "first"), 2) + args)
+
+    def refuse(net):
+        raise AssertionError("the towers were built")
+    monkeypatch.setattr(M.UniQ4Cap, "build_encoders", refuse)
+    again = train_caption.main(common(clips, str(tmp_path / "again"), 2) + args)
+    assert again == first
+
+
 def run_sample(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
