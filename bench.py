@@ -4,6 +4,10 @@ same run (absolute times on shared machines are noise), medians over repeats.
 Rows:
   qformer-step    Q-Former training step (fwd+bwd) at the paper's shapes: SDPA vs the plain
                   softmax(QK^T)V path, fp32 and bf16 (and on CUDA when present)
+  peer            our Q-Former step vs transformers' (Blip2QFormerModel + BERT's LM head) on the
+                  same weights and memory, its SDPA and eager attention, fp32 and bf16, after
+                  checking the outputs agree; only where transformers is installed (the project
+                  does not depend on it: `pip install transformers` to see the row)
   cached-step     stage-2 step from cached encoder features vs recomputing the frozen encoders
   kv-cache        greedy generation of 30 tokens with the KV cache vs without (same tokens)
   decode          8 frames + audio from 10 s and 60 s 720p H.264 clips: our decoder (seeking)
@@ -32,6 +36,7 @@ import time
 import torch
 
 import model as M
+from losses import caption_loss
 import training as T
 from training import autocast_context
 
@@ -256,6 +261,111 @@ def bench_decode(repeats):
     return out
 
 
+def transformers_peer(net, attn_implementation):
+    """transformers' BLIP-2 Q-Former (Blip2QFormerModel, with Blip2TextEmbeddings for the
+    caption and BERT's BertLMPredictionHead) holding a copy of `net`'s Q-Former weights, on
+    net's device; None when transformers is not installed (the project does not need it).
+    Returns logits_of(memory, ids) -> (B, T, V): one joint pass over queries and caption, as
+    transformers runs it, with a mask that lets the queries see only queries and each word
+    every query and the words before it, the same function as our query pass + text pass."""
+    try:
+        from transformers import BertConfig, Blip2QFormerConfig, Blip2QFormerModel
+        from transformers.models.bert.modeling_bert import BertLMPredictionHead
+        from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
+    except ImportError:
+        return None
+    q = net.cfg.qformer
+    cfg = Blip2QFormerConfig(vocab_size=q.vocab_size, hidden_size=q.hidden, num_hidden_layers=q.layers,
+                             num_attention_heads=q.heads, intermediate_size=q.intermediate,
+                             hidden_dropout_prob=q.dropout, attention_probs_dropout_prob=q.dropout,
+                             max_position_embeddings=q.max_positions, layer_norm_eps=q.layer_norm_eps,
+                             cross_attention_frequency=q.cross_attention_freq, encoder_hidden_size=q.encoder_width,
+                             use_qformer_text_input=True, pad_token_id=q.pad_token_id,
+                             attn_implementation=attn_implementation)
+    peer = torch.nn.ModuleDict({
+        "embeddings": Blip2TextEmbeddings(cfg), "qformer": Blip2QFormerModel(cfg),
+        "head": BertLMPredictionHead(BertConfig(hidden_size=q.hidden, vocab_size=q.vocab_size,
+                                                layer_norm_eps=q.layer_norm_eps, hidden_act="gelu"))})
+    ours = net.Qformer.state_dict()
+    ours["query_tokens"] = net.query_tokens.detach()
+
+    def our_name(k):  # their parameter name -> ours
+        k = k.replace("embeddings.", "bert.embeddings.", 1).replace("qformer.layernorm.", "bert.embeddings.LayerNorm.")
+        k = k.replace("qformer.encoder.", "bert.encoder.").replace("head.", "cls.predictions.", 1)
+        k = k.replace("attention.attention.", "attention.self.")  # (crossattention.attention. too)
+        return k.replace("cls.predictions.decoder.bias", "cls.predictions.bias")
+
+    with torch.no_grad():
+        for k, p in peer.named_parameters():
+            p.copy_(ours[our_name(k)])
+    peer.head.decoder.weight = peer.embeddings.word_embeddings.weight  # tied, as ours
+    peer.to(next(net.parameters()).device).train(net.training)
+    query_tokens = torch.nn.Parameter(net.query_tokens.detach().clone())
+
+    def logits_of(memory, ids):
+        B, Q, T = ids.size(0), q.num_query_tokens, ids.size(1)
+        mask = torch.zeros(Q + T, Q + T, dtype=torch.bool, device=ids.device)  # True: may attend
+        mask[:Q, :Q] = True
+        mask[Q:, :Q] = True
+        mask[Q:, Q:] = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+        bias = torch.zeros(mask.shape, device=ids.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        x = peer.embeddings(input_ids=ids, query_embeds=query_tokens.expand(B, -1, -1))
+        h = peer.qformer(query_embeds=x, query_length=Q, attention_mask=bias[None, None],
+                         encoder_hidden_states=memory).last_hidden_state
+        return peer.head(h[:, Q:])
+
+    logits_of.modules = (peer, query_tokens)
+    return logits_of
+
+
+def bench_peer(net, device, dtype, batch, repeats):
+    """Our Q-Former step (query pass, then the caption reading the queries' cached keys and
+    values) vs transformers' on the same weights and the same memory (the projected encoder
+    tokens at the paper's shapes, with a gradient, as training gives it), forward and backward
+    with the caption loss. The outputs are checked to agree first (fp32, no dropout). None
+    without transformers; else (max |logit difference|, {name: seconds})."""
+    cfg = net.cfg
+    v, a, ids = paper_batch(cfg, batch, device)
+    with torch.no_grad():
+        memory = net.memory(v, a)[0].float()
+    peers = {impl: transformers_peer(net, impl) for impl in ("sdpa", "eager")}
+    if peers["sdpa"] is None:
+        return None
+
+    def ours(memory, ids):
+        logits, _ = net.Qformer.decode_text(ids, net.Qformer.read_memory(net.query_tokens, memory))
+        return logits
+
+    was = net.training
+    net.eval()
+    for p in peers.values():
+        p.modules[0].eval()
+    with torch.no_grad():
+        want = ours(memory, ids)
+        diff = max((p(memory, ids) - want).abs().max().item() for p in peers.values())
+    if diff > 1e-3 * want.abs().max().item():
+        raise RuntimeError(f"transformers' Q-Former disagrees with ours on the same weights: max |difference| {diff:.3g}")
+    net.train()
+    for p in peers.values():
+        p.modules[0].train()
+    memory.requires_grad_(True)
+    params = [p for p in net.parameters() if p.requires_grad] + [memory]
+    params += [p for peer in peers.values() for p in peer.modules[0].parameters()] + [peer.modules[1] for peer in peers.values()]
+
+    def step(logits_of):
+        with autocast_context(device, dtype):
+            logits = logits_of(memory, ids)
+            loss = caption_loss(logits[:, :-1], ids[:, 1:], cfg.label_smoothing)
+        loss.backward()
+        for p in params:
+            p.grad = None
+
+    t = compare({"ours": lambda: step(ours), **{impl: (lambda p=p: step(p)) for impl, p in peers.items()}},
+                repeats, sync=syncer(device))
+    net.train(was)
+    return diff, t
+
+
 def _cached_step_peak(towers, device_name, dtype_name, batch):
     """In a fresh process: the full preset built as train_caption.py builds it when its feature
     cache is complete, with the frozen towers built and kept (the code before
@@ -350,7 +460,7 @@ def main():
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
     p.add_argument("--batch", type=int, default=0, help="batch for the step rows (default: 2 on CPU, 16 on CUDA)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
-    p.add_argument("--only", default="", help="comma-separated rows: qformer-step,compile,cached-step,cache-read,kv-cache,decode,memory,sample "
+    p.add_argument("--only", default="", help="comma-separated rows: qformer-step,peer,compile,cached-step,cache-read,kv-cache,decode,memory,sample "
                                              "(compile runs by default on CUDA only)")
     p.add_argument("--out", default="out/bench.json", help="where the JSON goes")
     args = p.parse_args()
@@ -390,6 +500,18 @@ def main():
                          f"step {achieved / 1e9:.0f} GFLOP/s", f"{achieved / peak:.0%}",
                          f"faster path: {min(times, key=times.get)}; the model's auto picks "
                          + M.faster_attention(device, dtype)))
+    if want("peer"):
+        for dtype in dtypes:
+            name = str(dtype).replace("torch.", "")
+            got = bench_peer(net, device, dtype, batch, args.repeats)
+            if got is None:
+                rows.append(("peer", "-", "-", "-", "transformers is not installed: no peer row"))
+                break
+            diff, t = got
+            for impl in ("sdpa", "eager"):
+                row(f"peer {name} {impl}", f"transformers {impl}", t[impl], "ours", t["ours"],
+                    f"Q-Former + LM head fwd+bwd from the memory, batch {batch}; outputs agree (fp32: max "
+                    f"|logit difference| {diff:.1e})")
     if want("compile") and (device.type == "cuda" or "compile" in only):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         eager, compiled, compile_s = bench_compile(net, device, dtype, batch, args.repeats)

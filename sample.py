@@ -167,23 +167,32 @@ def caption_batches(net, tokenizer, files, args):
     """Yield (path, captions, has_audio, None) for each readable file, a batch at a time, and
     (path, None, None, reason) for each unreadable one: decoding runs in --num-workers
     processes while the model captions the batch before."""
+    workers = args.num_workers if len(files) > 1 else 0
     loader = torch.utils.data.DataLoader(VideoFiles(files, data.MediaConfig.from_model(net.cfg), args.seed),
-                                         batch_size=args.batch_size,
-                                         num_workers=args.num_workers if len(files) > 1 else 0,
+                                         batch_size=args.batch_size, num_workers=workers,
                                          collate_fn=data.collate, pin_memory=args.device.type == "cuda")
-    torch.manual_seed(args.seed)
-    with torch.no_grad():
-        for batch in loader:
-            for path, reason in batch["skipped"]:
-                yield path, None, None, reason
-            if not batch["ids"]:
-                continue
-            ids = net.generate(**T.model_inputs(batch, args.device), num_captions=args.num_captions,
-                               **T.decoding_kwargs(args)).cpu()
-            k = args.num_captions  # rows b*k ... (b+1)*k - 1 are clip b's captions
-            for b, path in enumerate(batch["paths"]):
-                captions = [tokenizer.decode(row) for row in ids[b * k:(b + 1) * k]]
-                yield path, captions, bool(batch["audio_mask"][b]), None
+    # On a CPU the decoding workers and the model's threads share the cores: the model gets
+    # the threads the workers leave, else each slows the other (2 cores, 2 workers, 256
+    # embedded clips at the tiny preset: 10.8 ms a clip with 2 model threads, 6.1 with 1)
+    threads = torch.get_num_threads()
+    if args.device.type == "cpu" and workers:
+        torch.set_num_threads(max(1, threads - workers))
+    try:
+        torch.manual_seed(args.seed)
+        with torch.no_grad():
+            for batch in loader:
+                for path, reason in batch["skipped"]:
+                    yield path, None, None, reason
+                if not batch["ids"]:
+                    continue
+                ids = net.generate(**T.model_inputs(batch, args.device), num_captions=args.num_captions,
+                                   **T.decoding_kwargs(args)).cpu()
+                k = args.num_captions  # rows b*k ... (b+1)*k - 1 are clip b's captions
+                for b, path in enumerate(batch["paths"]):
+                    captions = [tokenizer.decode(row) for row in ids[b * k:(b + 1) * k]]
+                    yield path, captions, bool(batch["audio_mask"][b]), None
+    finally:
+        torch.set_num_threads(threads)
 
 
 def already_captioned(path):

@@ -839,3 +839,25 @@ def test_an_older_copy_of_the_embedded_set_is_rebuilt_not_mixed(tmp_path, monkey
     assert json.load(open(os.path.join(root, "COMPLETE")))["version"] == data.DATASET_VERSION
     assert not os.path.exists(os.path.join(root, "train_09999.mp4"))
     assert open(os.path.join(root, "train.json")).read() == made
+
+
+@pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(), reason="needs fork")
+def test_forked_loader_workers_decode_after_the_parent_has(tmp_path):
+    """The parent decodes first (one file given to sample.py, a cache build, a test), then
+    forked loader workers decode: nothing they inherit may hang them (a frame converter with
+    a thread pool did). In a child process with a time limit, so a hang fails the test."""
+    import subprocess
+    import sys
+    data.write_test_clip(str(tmp_path / "a.mp4"), seconds=1, width=64, height=64)
+    script = f"""
+import sys, torch
+sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+import data
+path = {str(tmp_path / "a.mp4")!r}
+data.read_video_frames(path, 8)
+loader = torch.utils.data.DataLoader([path] * 4, batch_size=1, num_workers=2, multiprocessing_context="fork",
+                                     collate_fn=lambda b: data.read_video_frames(b[0], 8))
+print(sum(len(x) for x in loader))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "32", done.stderr
