@@ -19,6 +19,10 @@ Rows:
   memory          peak memory of a process that builds the full preset and takes two cached
                   stage-2 steps, the frozen towers built vs never built (a run whose feature
                   cache is complete), each in a fresh process
+  train-step      (CUDA, or when named) the whole cached stage-2 step, bf16, at batch 16, 32, ...
+                  until memory runs out, then torch.compile at the batch with the most clips/s,
+                  and the paper's step from pixels there: clips/s, MFU, peak memory; and the
+                  cache loader at that batch with 2, 4, 8, 16 workers against the best step
   sample          sample.py on 256 embedded clips (tiny): batched, decoding in loader workers, vs
                   one clip at a time; and whether decoding or the model bounds it
 
@@ -247,6 +251,60 @@ def bench_cache_read(cfg, batch, clips=64, workers=2):
     return out, per_clip
 
 
+def bench_train_steps(cfg, device, repeats, batches=(16, 32, 64, 128, 256), dtype=torch.bfloat16):
+    """The whole stage-2 step as train_caption.py takes it from the feature cache (fp16 tokens
+    in, autocast, backward, gradient clipping, AdamW: T.train_step), at each batch size until
+    memory runs out, then torch.compile at the batch with the most clips/s; and the paper's
+    path from pixels at that batch (frozen towers in bf16, patch dropout 0.5 on the video
+    tower in training), which the cache cannot take. Returns {setting: {batch: (seconds,
+    peak allocated bytes) or None (out of memory)}} and the FLOPs of a one-clip cached step."""
+    torch.manual_seed(0)
+    net = M.UniQ4Cap(cfg, encoders=False).to(device)
+    optimizer = T.make_optimizer(net, 1e-4, 0.05, device_type=device.type)
+    mem_len = cfg.video.num_frames * cfg.video.tokens_per_frame + cfg.audio.tokens_per_frame
+    out = {"eager": {}, "compile": {}, "pixels": {}}
+
+    def measure(model, batch, pixels=False):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            v, a, ids = paper_batch(cfg, batch, device)
+            if pixels:
+                g = torch.Generator().manual_seed(0)
+                inputs = {"video": torch.randn(batch, 3, cfg.video.num_frames, *cfg.video.image_size, generator=g),
+                          "audio": torch.randn(batch, 3, *cfg.audio.image_size, generator=g)}
+                inputs = {k: x.to(device) for k, x in inputs.items()}
+            else:
+                inputs = {"video_tokens": v.half(), "audio_tokens": a.half()}  # as the cache stores them
+
+            def loss_fn(_):
+                with autocast_context(device, dtype):
+                    return model(captions=ids, **inputs)[1], {}
+            seconds = timeit(lambda: T.train_step(optimizer, [None], loss_fn, 1.0), repeats, warmup=2,
+                             sync=syncer(device))
+            return seconds, torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            return None
+
+    net.train()
+    for batch in batches:
+        out["eager"][batch] = measure(net, batch)
+        if out["eager"][batch] is None:
+            break
+    fits = {b: r for b, r in out["eager"].items() if r is not None}
+    best = max(fits, key=lambda b: b / fits[b][0])
+    out["compile"][best] = measure(torch.compile(net, dynamic=False), best)
+    net.build_encoders()  # the paper's path: towers held in bf16, as train_caption.py does on a GPU
+    net.video_encoder.to(device, dtype)
+    net.audio_encoder.to(device, dtype)
+    net.video_encoder.drop_patches_in_training = True  # (what cfg.frozen_patch_dropout sets)
+    net.train()
+    out["pixels"][best] = measure(net, best, pixels=True)
+    return out, qformer_step_flops(cfg, 1, 32, mem_len)
+
+
 def bench_decode(repeats):
     """Our decoder (seeks to the 8 frames it needs) vs decoding every frame, 720p H.264."""
     import data
@@ -460,9 +518,11 @@ def main():
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
     p.add_argument("--batch", type=int, default=0, help="batch for the step rows (default: 2 on CPU, 16 on CUDA)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
-    p.add_argument("--only", default="", help="comma-separated rows: qformer-step,peer,compile,cached-step,cache-read,kv-cache,decode,memory,sample "
+    p.add_argument("--only", default="", help="comma-separated rows: qformer-step,peer,train-step,compile,cached-step,cache-read,kv-cache,decode,memory,sample "
                                              "(compile runs by default on CUDA only)")
     p.add_argument("--out", default="out/bench.json", help="where the JSON goes")
+    p.add_argument("--preset", default="full", choices=sorted(M.PRESETS),
+                   help="model size (full: the paper's; tiny only checks that the rows run)")
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
@@ -479,7 +539,7 @@ def main():
                          "candidate_s": cand_s, "speedup": ratio, "note": note}
 
     torch.manual_seed(0)
-    cfg = M.full_config()
+    cfg = M.PRESETS[args.preset]()
     # every row reads the whole memory, as a --cache-features run does: the paper's frozen
     # patch dropout (half the video patches in training) would make the rows compare unlike steps
     cfg.frozen_patch_dropout = False
@@ -512,6 +572,44 @@ def main():
                 row(f"peer {name} {impl}", f"transformers {impl}", t[impl], "ours", t["ours"],
                     f"Q-Former + LM head fwd+bwd from the memory, batch {batch}; outputs agree (fp32: max "
                     f"|logit difference| {diff:.1e})")
+    if want("train-step") and (device.type == "cuda" or "train-step" in only):
+        dtype = torch.bfloat16
+        steps, flops_per_clip = bench_train_steps(cfg, device, args.repeats)
+        peak = matmul_peak(device, dtype)
+        base_batch = min(steps["eager"])
+        base = base_batch / steps["eager"][base_batch][0]  # clips/s of the smallest batch, eager
+        best_rate = 0.0
+        for setting, by_batch in steps.items():
+            for b, got in by_batch.items():
+                name = f"train-step {setting} batch {b}"
+                if got is None:
+                    rows.append((name, "-", "out of memory", "-", ""))
+                    results[name] = {"oom": True}
+                    continue
+                seconds, mem = got
+                rate = b / seconds
+                what = "from pixels, towers in bf16, video patch dropout 0.5" if setting == "pixels" else "from the cache"
+                mfu = "" if setting == "pixels" else f"MFU {b * flops_per_clip / seconds / peak:.0%} of {peak / 1e12:.3g} TFLOP/s, "
+                mem_note = "" if mem is None else f"peak allocated {mem / 2**30:.1f} GiB, "
+                rows.append((name, f"eager batch {base_batch} {base:.1f} clips/s", f"{rate:.1f} clips/s",
+                             f"{rate / base:.2f}x", f"{mfu}{mem_note}{what}, bf16"))
+                results[name] = {"clips_per_s": rate, "step_s": seconds, "baseline_clips_per_s": base,
+                                 "mfu": None if setting == "pixels" else b * flops_per_clip / seconds / peak,
+                                 "peak_allocated_bytes": mem, "matmul_peak_flops": peak}
+                if setting != "pixels":
+                    best_rate = max(best_rate, rate)
+        # the loader must keep up with the best cached step, --num-workers being the only knob
+        best_batch = next(iter(steps["compile"]))
+        for workers in (2, 4, 8, 16):
+            if workers > (os.cpu_count() or 1):
+                break
+            reads, _ = bench_cache_read(cfg, best_batch, clips=2 * best_batch, workers=workers)
+            rate = best_batch / reads["warm"]
+            rows.append((f"cache-read batch {best_batch} workers {workers}", f"best step {best_rate:.1f} clips/s",
+                         f"loader {rate:.1f} clips/s (cold {best_batch / reads['cold']:.1f})",
+                         f"{rate / best_rate:.2f}x", ">= 1x: the loader keeps up"))
+            results[f"cache-read batch {best_batch} workers {workers}"] = {
+                "loader_clips_per_s": rate, "cold_clips_per_s": best_batch / reads["cold"], "step_clips_per_s": best_rate}
     if want("compile") and (device.type == "cuda" or "compile" in only):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         eager, compiled, compile_s = bench_compile(net, device, dtype, batch, args.repeats)

@@ -667,6 +667,7 @@ def batches_forever(dataset, loader_fn, sampler, state, tracker=None):
     Each batch also carries its "epoch", for draws that must depend on it
     (train_caption.hide_modalities)."""
     import data
+    first = True
     while True:
         dataset.set_epoch(state["epoch"])
         sampler.set_position(state["epoch"], state["index"])
@@ -684,9 +685,12 @@ def batches_forever(dataset, loader_fn, sampler, state, tracker=None):
             raise data.UnreadableClips("no training clip could be read: "
                                        + (tracker.report() if tracker is not None else f"{seen} clips"))
         if tracker is not None:
-            print0(f"epoch {state['epoch']}: {tracker.report()}")
+            # this run's first epoch, then only epochs that lost clips: the same line after
+            # every epoch would bury the progress bar (stage 1 runs sixty)
+            if first or sum(tracker.reasons.values()):
+                print0(f"epoch {state['epoch']}: {tracker.report()}")
             tracker.reset()
-        state["epoch"], state["index"] = state["epoch"] + 1, 0
+        state["epoch"], state["index"], first = state["epoch"] + 1, 0, False
 
 
 def training_batches(dataset, args, rank, world, position):
