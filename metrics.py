@@ -35,11 +35,11 @@ def check_caption_metrics():
     return "metrics: BLEU-4, METEOR, ROUGE-L, CIDEr with the PTB tokenizer (pycocoevalcap, java)"
 
 
-def caption_metrics(references, predictions, use_java=None):
+def caption_metrics(references, predictions, use_java=None, meteor=True):
     """references: {id: [str, ...]}, every reference caption of a clip (papers score against
     all of them: MSR-VTT has 20 per video); predictions: {id: str}. Returns a dict with
-    BLEU-4, METEOR (when Java is there), ROUGE-L, CIDEr and `tokenizer` naming the tokenizer
-    used."""
+    BLEU-4, METEOR (when Java is there and `meteor`), ROUGE-L, CIDEr and `tokenizer` naming
+    the tokenizer used."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -58,7 +58,7 @@ def caption_metrics(references, predictions, use_java=None):
     out = {"tokenizer": "ptb" if use_java else "plain"}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     out["BLEU-4"] = bleu[3]
-    if use_java:
+    if use_java and meteor:
         from pycocoevalcap.meteor.meteor import Meteor
         out["METEOR"], _ = Meteor().compute_score(gts, res)
     out["ROUGE-L"], _ = Rouge().compute_score(gts, res)

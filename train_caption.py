@@ -244,11 +244,11 @@ def uniform_hash(*key):
 
 
 @torch.no_grad()
-def evaluate(net, dataset, references, tokenizer, device, ctx, args, limit=0):
+def evaluate(net, dataset, references, tokenizer, device, ctx, args, limit=0, meteor=True):
     """Caption each clip of `dataset` (one item per clip) once, with the decoding flags, and
     score it against every caption `references` ({id: [str, ...]}) gives that clip: BLEU-4,
-    METEOR, ROUGE-L, CIDEr, and exact attribute accuracy when the records carry attributes
-    (the embedded set). Unreadable clips are left out and counted."""
+    METEOR (unless `meteor` is False), ROUGE-L, CIDEr, and exact attribute accuracy when the
+    records carry attributes (the embedded set). Unreadable clips are left out and counted."""
     was_training = net.training
     net.eval()
     n = len(dataset) if not limit else min(limit, len(dataset))
@@ -271,7 +271,7 @@ def evaluate(net, dataset, references, tokenizer, device, ctx, args, limit=0):
                 records.append(rec)
     if not preds:
         raise data.UnreadableClips(f"no evaluation clip could be read ({skipped} of {n} skipped)")
-    out = metrics.caption_metrics({k: references[k] for k in preds}, preds)
+    out = metrics.caption_metrics({k: references[k] for k in preds}, preds, meteor=meteor)
     if "attributes" in records[0]:
         out["attributes"] = metrics.attribute_accuracy(records, [preds[r["id"]] for r in records],
                                                        data.parse_attributes)
@@ -441,7 +441,9 @@ def main(argv=None):
         if T.is_master() and (step % eval_every == 0 or step == args.max_steps):
             # (last.pth below saves the random generators after the evaluation, which is where
             # this run goes on from, as a run resumed from it will)
-            scores = evaluate(net, val_set, val_refs, tokenizer, device, ctx, args, args.eval_max)
+            # validation picks best.pth by CIDEr: METEOR, the slowest metric (Java, several
+            # seconds on 300 clips), is left to the test evaluation
+            scores = evaluate(net, val_set, val_refs, tokenizer, device, ctx, args, args.eval_max, meteor=False)
             log.log(step=step, val=scores)
             bar.write(f"step {step} val: " + fmt(scores))
             if best is None or scores["CIDEr"] > best["CIDEr"]:
