@@ -496,7 +496,7 @@ def test_evaluation_captions_each_clip_once_against_all_its_references(clips, tm
     generated, scored = [], {}
     generate = net.generate
     monkeypatch.setattr(net, "generate", lambda **kw: generated.append(kw["video"].shape[0]) or generate(**kw))
-    monkeypatch.setattr(metrics, "caption_metrics", lambda refs, preds: scored.update(refs) or {"CIDEr": 0.0})
+    monkeypatch.setattr(metrics, "caption_metrics", lambda refs, preds, **kw: scored.update(refs) or {"CIDEr": 0.0})
     args = train_caption.get_args(["--num-workers", "0", "--no-cache-features", "--batch-size", "8"])
     out = train_caption.evaluate(net, val_set, val_set.references, tokenizer, torch.device("cpu"),
                                  T.autocast_context(torch.device("cpu"), torch.float32), args)
