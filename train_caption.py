@@ -360,6 +360,8 @@ def main(argv=None):
     net.to(device)
 
     def add_towers():
+        """The frozen towers, for a run that calls them: built, loaded (or this run's own
+        initialisation saved, when there is nothing to load) and moved to the device."""
         net.build_encoders()
         for name, enc in (("video", net.video_encoder), ("audio", net.audio_encoder)):
             if not encoders[name]:
