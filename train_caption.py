@@ -66,7 +66,7 @@ RECIPE = {
     "min_lr": {"full": 2e-5, "tiny": 1e-4},
     "weight_decay": {"full": 0.05, "tiny": 0.05},
     "clip": {"full": 0.0, "tiny": 1.0},
-    "max_steps": {"full": 60000, "tiny": 4500},
+    "max_steps": {"full": 60000, "tiny": 3000},
     "modality_dropout": {"full": 0.0, "tiny": 0.3},
     "cache_features": {"full": False, "tiny": True},
     "frozen_patch_dropout": {"full": True, "tiny": False},

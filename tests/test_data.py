@@ -815,7 +815,7 @@ def test_embedded_events_are_seen_in_their_frame_and_heard_in_their_slot(two_gen
     root = two_generated_sets[0]
     for rec in json.load(open(os.path.join(root, "train.json"))):
         lit = torch.tensor(rec["events"]["slots"], dtype=torch.bool)
-        assert 2 <= lit.sum() <= data.EVENT_SLOTS - 2
+        assert lit.sum() == data.EVENT_LIT
         path = os.path.join(root, f"{rec['id']}.mp4")
         frames = data.read_video_frames(path, TINY.num_frames)  # (8, H, W, 3): one per slot
         corner = frames[:, :4, :4].float().mean(dim=(1, 2, 3))  # the background, never the shape
