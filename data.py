@@ -665,16 +665,17 @@ class SkipTracker:
 # over a background sound. Colour is only visible; the background is only audible; the shape
 # and its motion are both seen and heard: the shape sets the tone's pitch, and the tone
 # glides up or down half an octave as the shape moves up or down, or swells or fades as it
-# comes closer or goes away. Those four are the caption's attributes. What ties *this* video to *this* soundtrack is a third shared thing,
-# never captioned: the clip is cut into EVENT_SLOTS equal slots, and in a random EVENT_LIT
-# of them the scene flashes (the background lights up) while a burst of crackle sounds, with
-# one per-clip strength for both (brighter flash, louder crackle). 56 flash patterns times
-# the shape, the motion and the strength: only an encoder pair that matches the two in
-# time, clip by clip, retrieves a clip's own soundtrack among 300. The patterns are few on
-# purpose: a batch of 128 holds about two clips of each, so from the first steps the
-# contrastive loss must also tell them apart by the shape and the motion (with 238
-# patterns the towers learnt the flashes first and the shared attributes late; README). The tiny preset samples one frame per slot, and its
-# audio window (208 fbank frames) holds the whole 2 s clip (203 frames as decoded), so the
+# comes closer or goes away. Those four are the caption's attributes. What ties *this*
+# video to *this* soundtrack is a third shared thing, never captioned: the clip is cut into
+# EVENT_SLOTS equal slots, and in a random EVENT_LIT of them the scene flashes (the
+# background lights up) while a burst of crackle sounds, with one per-clip strength for both
+# (brighter flash, louder crackle). 56 flash patterns times the shape, the motion and the
+# strength: only an encoder pair that matches the two in time, clip by clip, retrieves a
+# clip's own soundtrack among 300. The patterns are few on purpose: a batch of 128 holds
+# about two clips of each, so from the first steps the contrastive loss must also tell them
+# apart by the shape and the motion (with 238 patterns the towers learnt the flashes first
+# and the shared attributes late; README). The tiny preset samples one frame per slot, and
+# its audio window (208 fbank frames) holds the whole 2 s clip (203 frames as decoded), so the
 # three-chunk rule takes the whole clip three times and no slot is cut or shifted.
 
 ATTRIBUTES = {
