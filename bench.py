@@ -32,15 +32,20 @@ Rows:
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import tempfile
 import time
 
 import torch
+from torch.utils.data import DataLoader
 
+import cache
+import data
 import model as M
 from losses import caption_loss
+import sample
 import training as T
 from training import autocast_context
 
@@ -213,8 +218,6 @@ def bench_cache_read(cfg, batch, clips=64, workers=2):
     """Batches of `batch` clips read from a feature cache at the paper's shapes ((2056 + 593) x
     1024 fp16 = 5.4 MB a clip) through the training loader: from the page cache, and cold
     (the files' pages evicted first). Returns seconds per batch and bytes per clip."""
-    import cache
-    import data
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "ann.json"), "w") as f:
             json.dump([{"id": f"clip{i:04d}", "caption": "a clip"} for i in range(clips)], f)
@@ -299,15 +302,14 @@ def bench_train_steps(cfg, device, repeats, batches=(16, 32, 64, 128, 256), dtyp
     net.build_encoders()  # the paper's path: towers held in bf16, as train_caption.py does on a GPU
     net.video_encoder.to(device, dtype)
     net.audio_encoder.to(device, dtype)
-    net.video_encoder.drop_patches_in_training = True  # (what cfg.frozen_patch_dropout sets)
     net.train()
+    net.video_encoder.train()  # patch dropout in training, as cfg.frozen_patch_dropout has it
     out["pixels"][best] = measure(net, best, pixels=True)
     return out, qformer_step_flops(cfg, 1, 32, mem_len)
 
 
 def bench_decode(repeats):
     """Our decoder (seeks to the 8 frames it needs) vs decoding every frame, 720p H.264."""
-    import data
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seconds in (10, 60):
@@ -455,7 +457,6 @@ def _cached_step_peak(towers, device_name, dtype_name, batch):
 
 def bench_memory(device, dtype, batch):
     """_cached_step_peak with the towers built vs never built, each in a process of its own."""
-    import multiprocessing
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         return {towers: pool.apply(_cached_step_peak, (towers, str(device), str(dtype).replace("torch.", ""), batch))
                 for towers in (True, False)}
@@ -469,15 +470,12 @@ def bench_sample(device, repeats, clips=256, batch=16, workers=2, tokens=14):
     beforehand. Every caption is `tokens` long ([DEC] included, about the embedded captions'
     length), so the untrained model here does the work a trained one does. Returns seconds
     per clip for each."""
-    import data
-    import sample
-    from torch.utils.data import DataLoader
     with tempfile.TemporaryDirectory() as tmp:
         data.make_embedded_dataset(tmp, splits={"bench": clips}, progress=False)
         with open(os.path.join(tmp, "bench.json")) as f:
             records = json.load(f)
         files = [os.path.join(tmp, f"{r['id']}.mp4") for r in records]
-        tokenizer = M.Tokenizer.train([r["caption"] for r in records], 200)
+        tokenizer = data.Tokenizer.train([r["caption"] for r in records], 200)
         net = M.UniQ4Cap(tokenizer.configure(M.tiny_config())).eval().to(device)
         args = sample.get_args(["--video", tmp, "--min-length", str(tokens), "--max-length", str(tokens),
                                 "--batch-size", str(batch), "--num-workers", str(workers)])

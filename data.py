@@ -1,18 +1,20 @@
-"""Data: reading real media files, the paper's preprocessing, datasets, and the embedded
-audio-visual dataset (DESIGN.md section 4).
+"""Data: reading real media files, the paper's preprocessing, the tokenizer, datasets, and
+the embedded audio-visual dataset.
 
   1. decoding with PyAV (its wheels carry FFmpeg): frames at uniformly spaced indices, seeking
      in long files; the soundtrack (or a sidecar .wav), every channel, resampled to 16 kHz;
-  2. preprocessing as the pipeline the released weights were trained with (the authors' code,
-     LanguageBind's processors, pytorchvideo's transforms), each rule stated where it is
-     applied: CLIP-normalised 224² frames, Kaldi fbank with three chunks as the spectrogram's
-     channels. Two deliberate deviations, both MediaConfig fields: no random flip and no
-     random audio chunk at evaluation (the original draws both there too);
-  3. the authors' annotation format (several captions per clip allowed; converters from
+  2. preprocessing as the pipeline the released weights were trained with (the authors' data
+     code, LanguageBind's video and audio processors, pytorchvideo's `short_side_scale`),
+     each rule stated where it is applied: CLIP-normalised 224² frames, Kaldi fbank with
+     three chunks as the spectrogram's channels. Two deliberate deviations, both MediaConfig
+     fields: no random flip and no random audio chunk at evaluation (the original draws both
+     there too);
+  3. captions -> token ids: BERT's WordPiece with the [DEC] start token, as BLIP-2 captions;
+  4. the authors' annotation format (several captions per clip allowed; converters from
      MSR-VTT and VATEX), a dataset of (clip, caption) pairs for training or of clips with all
      their references for evaluation that reports unreadable files instead of crashing or
      recursing, a collate function with modality masks, a skip tracker;
-  4. a generator of synthetic clips whose captions need both the frames and the sound.
+  5. a generator of synthetic clips whose captions need both the frames and the sound.
 """
 
 import json
@@ -22,6 +24,7 @@ import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from multiprocessing import get_context
 
 import av
 from av.video.reformatter import VideoReformatter
@@ -29,6 +32,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchaudio
+from tqdm import tqdm
+from tokenizers import AddedToken, BertWordPieceTokenizer
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.pre_tokenizers import BertPreTokenizer
+
+from pretrained import bert_folder
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -383,7 +392,114 @@ def preprocess_audio(wave, num_mel_bins, target_length, train=False, generator=N
 
 
 # -----------------------------------------------------------------------------
-# 3. Datasets
+# 3. Captions -> token ids: BERT's WordPiece tokenizer
+
+
+class Tokenizer:
+    """BERT WordPiece through the `tokenizers` package, plus the BOS token [DEC].
+
+    Either bert-base-cased's own `vocab.txt` (28,996 entries; [DEC] becomes id 28,996) or,
+    without BERT files, a WordPiece vocabulary trained on the training captions. A caption
+    encodes as [DEC] w1 ... wn [SEP] (BERT's [CLS] replaced by [DEC], as the authors did)."""
+
+    SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.tok.add_special_tokens([AddedToken("[DEC]", special=True)])
+        self.pad_id = tok.token_to_id("[PAD]")
+        self.sep_id = tok.token_to_id("[SEP]")
+        self.cls_id = tok.token_to_id("[CLS]")
+        self.bos_id = tok.token_to_id("[DEC]")
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_bert(cls, name):
+        """BERT's vocab.txt from a folder (or the folder of a weights file), or from a Hugging
+        Face repo id such as `google-bert/bert-base-cased` (see `bert_folder`). Casing follows
+        the folder's tokenizer_config.json (`do_lower_case`, `strip_accents`), as HF's own
+        tokenizer does: an uncased vocabulary read without lower-casing would turn every
+        capitalised word into [UNK]. Without that setting, a vocabulary with no upper-case
+        entry is taken as uncased, and stderr says which was chosen."""
+        folder = bert_folder(name)
+        path = os.path.join(folder, "vocab.txt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no BERT vocabulary at {path}")
+        settings = {}
+        config = os.path.join(folder, "tokenizer_config.json")
+        if os.path.exists(config):
+            with open(config) as f:
+                settings = json.load(f)
+        lower = settings.get("do_lower_case")
+        if lower is None:
+            with open(path, encoding="utf-8") as f:
+                lower = not any(w != w.lower() for w in f.read().split() if not w.startswith("["))
+            print(f"{folder}: no do_lower_case in tokenizer_config.json; the vocabulary is "
+                  f"{'uncased: captions are lower-cased' if lower else 'cased: captions keep their case'}",
+                  file=sys.stderr)
+        # strip_accents None follows lowercase, as in HF's BertTokenizer
+        return cls(BertWordPieceTokenizer(path, lowercase=bool(lower), strip_accents=settings.get("strip_accents")))
+
+    @classmethod
+    def train(cls, captions, vocab_size=1000):
+        """A WordPiece vocabulary from `captions` (for training without BERT files): the special
+        tokens, every character seen (alone and as a `##` continuation, so any word of the
+        captions can be spelled), then whole words by falling count, ties alphabetical, up to
+        `vocab_size`. Built by rule rather than by the tokenizers library's trainer, whose
+        pieces and ids change from one call to the next (ties broken by hash order), so the
+        same captions always give the same ids and a run with the same seed trains the same."""
+        split = BertPreTokenizer().pre_tokenize_str  # BERT's word and punctuation split
+        counts = Counter(w for c in captions for w, _ in split(c))
+        chars = sorted({ch for w in counts for ch in w})
+        vocab = cls.SPECIALS + ["[DEC]"] + chars + ["##" + ch for ch in chars]
+        words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+        vocab += words[:max(0, vocab_size - len(vocab))]
+        return cls(BertWordPieceTokenizer({w: i for i, w in enumerate(vocab)}, lowercase=False,
+                                          strip_accents=False))
+
+    @classmethod
+    def load(cls, path):
+        """A tokenizer saved by `save` (a tokenizers JSON file)."""
+        return cls(HFTokenizer.from_file(path))
+
+    @classmethod
+    def from_string(cls, text):
+        """A tokenizer stored inside a checkpoint (`Tokenizer.tok.to_str()`)."""
+        return cls(HFTokenizer.from_str(text))
+
+    def save(self, path):
+        self.tok.save(path)
+
+    def configure(self, cfg):
+        """Set a model config's (model.UniQ4CapConfig) vocabulary size and special ids from
+        this tokenizer."""
+        q = cfg.qformer
+        q.vocab_size, q.pad_token_id, q.sep_token_id, q.bos_token_id = (
+            self.vocab_size, self.pad_id, self.sep_id, self.bos_id)
+        return cfg
+
+    def encode(self, captions, max_len=32):
+        """list of str -> ids (B, T) and mask (B, T) bool, padded to the longest, at most
+        max_len tokens including [DEC] and [SEP]."""
+        rows = []
+        for enc in self.tok.encode_batch(list(captions), add_special_tokens=False):
+            rows.append([self.bos_id] + enc.ids[:max_len - 2] + [self.sep_id])
+        T = max(len(r) for r in rows)
+        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+        return ids, ids != self.pad_id
+
+    def decode(self, ids):
+        """Token ids (without [DEC]) -> caption, stopping at the first [SEP]."""
+        ids = [int(i) for i in ids]
+        if self.sep_id in ids:
+            ids = ids[:ids.index(self.sep_id)]
+        return self.tok.decode([i for i in ids if i not in (self.pad_id, self.bos_id)])
+
+
+# -----------------------------------------------------------------------------
+# 4. Datasets
 
 
 class DataError(ValueError):
@@ -642,8 +758,8 @@ class SkipTracker:
                 self.named.add(path)
                 new.append(f"{path} ({reason})")
         if new:
-            from tqdm import tqdm  # its write keeps the line off a training progress bar
             more = len(new) - self.NAMED_PER_LINE
+            # (tqdm.write keeps the line off a training progress bar)
             tqdm.write("skipped " + ", ".join(new[:self.NAMED_PER_LINE])
                        + (f" and {more} more (counted in the epoch report)" if more > 0 else ""), file=sys.stderr)
         skipped = sum(self.reasons.values())
@@ -659,7 +775,7 @@ class SkipTracker:
 
 
 # -----------------------------------------------------------------------------
-# 4. The embedded audio-visual dataset
+# 5. The embedded audio-visual dataset
 #
 # Each clip shows one coloured shape moving over a dark background while it sounds a tone,
 # over a background sound. Colour is only visible; the background is only audible; the shape
@@ -684,9 +800,7 @@ ATTRIBUTES = {
     "motion": ["up", "down", "closer", "away"],
     "background": ["rain", "hum", "birds", "silence"],
 }
-VIDEO_ONLY_ATTRIBUTES = ["colour"]
-AUDIO_ONLY_ATTRIBUTES = ["background"]
-CROSS_MODAL_ATTRIBUTES = ["shape", "motion"]
+CROSS_MODAL_ATTRIBUTES = ["shape", "motion"]  # seen and heard; colour is only seen, the background only heard
 PITCH = {"circle": ("low", 330.0), "cross": ("middle", 880.0), "triangle": ("high", 2000.0)}
 RGB = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 220, 40)}
 BACKGROUND_PHRASE = {"rain": "rain in the background", "hum": "a hum in the background",
@@ -873,9 +987,7 @@ def _make_one(job):
 def make_embedded_dataset(root, splits=None, seed=0, workers=2, progress=True):
     """Write the clips and `train.json`, `val.json`, `test.json` (the authors' format plus the
     video-only and audio-only captions and the attribute labels). Deterministic by seed."""
-    from multiprocessing import get_context
 
-    from tqdm import tqdm
     splits = splits or SPLITS
     os.makedirs(root, exist_ok=True)
     # an older or half-made copy goes first, so no file of it survives among the new ones

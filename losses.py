@@ -1,4 +1,5 @@
-"""The training losses, each written out (DESIGN.md sections 3 and 6).
+"""The training losses, each written out: BLIP-2's caption loss (stage 2) and the two contrastive
+losses of the paper's stage-1 alignment.
 
   caption_loss      next-token cross-entropy over caption tokens, label smoothing, padding
                     ignored (stage 2).

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import data
 import model as M
+import pretrained as P
 import training as T
 
 
@@ -83,29 +84,29 @@ def load_captioner(args):
     config, tokenizer and encoder names; the authors' checkpoint_N.pth has a "config" too,
     but that is their run configuration, so the tokenizer, which only ours hold, tells the
     two apart. The authors' need --preset, --bert and the encoder flags."""
-    ckpt = M.read_state_dict(args.ckpt)
+    ckpt = P.read_state_dict(args.ckpt)
     if "model" not in ckpt:
-        raise M.CheckpointError(f"{args.ckpt}: no 'model' entry: not a stage-2 checkpoint")
+        raise P.CheckpointError(f"{args.ckpt}: no 'model' entry: not a stage-2 checkpoint")
     if "tokenizer" in ckpt:
         cfg = M.config_from_dict(ckpt["config"])
-        tokenizer = M.Tokenizer.from_string(ckpt["tokenizer"])
+        tokenizer = data.Tokenizer.from_string(ckpt["tokenizer"])
         encoders = {k: encoder_path(v, args.ckpt) for k, v in (ckpt.get("encoders") or {}).items()}
     else:
         if not (args.preset and args.bert):
-            raise M.CheckpointError(f"{args.ckpt} carries no tokenizer, as the authors' checkpoint_N.pth: give "
+            raise P.CheckpointError(f"{args.ckpt} carries no tokenizer, as the authors' checkpoint_N.pth: give "
                                     f"--preset and --bert (and their encoders: --video-encoder, --audio-encoder)")
-        tokenizer = M.Tokenizer.from_bert(args.bert)
+        tokenizer = data.Tokenizer.from_bert(args.bert)
         cfg = tokenizer.configure(M.PRESETS[args.preset]())
         encoders = {}
     encoders["video"] = args.video_encoder or encoders.get("video")
     encoders["audio"] = args.audio_encoder or encoders.get("audio")
     missing = [k for k, v in encoders.items() if not v]
     if missing:
-        raise M.CheckpointError(f"no weights for the {' and '.join(missing)} encoder{'s' * (len(missing) > 1)}: "
+        raise P.CheckpointError(f"no weights for the {' and '.join(missing)} encoder{'s' * (len(missing) > 1)}: "
                                 f"give {' and '.join(f'--{k}-encoder' for k in missing)}")
     net = M.UniQ4Cap(cfg)
-    M.load_pretrained(net, video=encoders["video"], audio=encoders["audio"])
-    M.map_stage2(net, ckpt["model"], args.ckpt)  # the file is already read: map it directly
+    P.load_pretrained(net, video=encoders["video"], audio=encoders["audio"])
+    P.map_stage2(net, ckpt["model"], args.ckpt)  # the file is already read: map it directly
     return net.eval().to(args.device), tokenizer
 
 
@@ -229,7 +230,7 @@ def main(argv=None):
         return 2
     try:
         net, tokenizer = load_captioner(args)
-    except (FileNotFoundError, KeyError, ValueError) as e:  # M.CheckpointError is both; one line, no traceback
+    except (FileNotFoundError, KeyError, ValueError) as e:  # P.CheckpointError is both; one line, no traceback
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
     as_jsonl = len(files) > 1 or os.path.isdir(args.video[0]) or args.out is not None

@@ -1,4 +1,4 @@
-"""Stage 1: align the video and audio encoders in one space (DESIGN.md section 6).
+"""Stage 1: align the video and audio encoders in one space (the paper's NCE and MIL-NCE).
 
 The authors never released this stage; this is the project's design. Per clip:
   f_1..f_T  the video's frame embeddings (post-LN class token of each frame, projected),
@@ -41,6 +41,7 @@ import data
 import losses
 import metrics
 import model as M
+import pretrained as P
 import training as T
 
 
@@ -76,11 +77,20 @@ def get_args(argv=None):
 class Aligner(nn.Module):
     """The two encoders and the temperature: everything stage 1 trains."""
 
-    def __init__(self, cfg: M.UniQ4CapConfig):
+    def __init__(self, cfg: M.UniQ4CapConfig, patch_dropout=False):
         super().__init__()
         self.video_encoder = M.VisionTransformer(cfg.video)
         self.audio_encoder = M.VisionTransformer(cfg.audio)
         self.temperature = losses.LogitScale()  # the towers initialise themselves
+        self.patch_dropout = patch_dropout
+        self.train()
+
+    def train(self, mode=True):
+        """The video tower drops patches in training (its mode is the switch) only with
+        --patch-dropout."""
+        super().train(mode)
+        self.video_encoder.train(mode and self.patch_dropout)
+        return self
 
     def embed(self, video, audio):
         """-> frames (B, T, E), v (B, E), a (B, E), chunks (B, T, E), all unit length."""
@@ -210,12 +220,11 @@ def main(argv=None):
                      rank, world, f"decode {split}")
     args.num_workers = T.loader_workers(args, cache_inputs, device)  # for the training stream
 
-    aligner = Aligner(cfg)
+    aligner = Aligner(cfg, args.patch_dropout)
     # the one loading entry point: it fills the towers of any model with video_encoder and
     # audio_encoder, and tells LanguageBind's files from the authors' video.pth / audio.pth
-    M.load_pretrained(aligner, video=args.video_init, audio=args.audio_init)
+    P.load_pretrained(aligner, video=args.video_init, audio=args.audio_init)
     set_trainable(aligner, mode, args.last_k)
-    aligner.video_encoder.drop_patches_in_training = args.patch_dropout
     aligner.to(device)
     model = T.training_handle(aligner, args.compile, ddp, device)
     optimizer = T.make_optimizer(aligner, args.lr, args.weight_decay, device_type=device.type)

@@ -1,4 +1,4 @@
-"""Stage 2: train the captioner (DESIGN.md section 7).
+"""Stage 2: train the captioner.
 
 The encoders are frozen; the Q-Former, the per-modality LayerNorms and projections and the
 query tokens learn to caption with the LM loss. The encoders come from --video-encoder /
@@ -13,7 +13,8 @@ Evaluation captions each clip once and scores it against every reference of that
 caption field holding a list, or records repeating an `id`); training sees every (clip,
 caption) pair.
 
---preset full defaults to the paper's recipe (DESIGN.md section 7): frozen video patch dropout
+--preset full defaults to the paper's recipe (the paper and the authors' released LAVIS run
+configuration): frozen video patch dropout
 0.5 in training, no modality dropout, AdamW at 2e-4 after a 5,000-step warm-up from 2e-6,
 cosine to 2e-5, weight decay 0.05, no gradient clipping, batch 16. --preset tiny keeps its own
 values; --help lists both, and a run prints its values and why they differ from full's.
@@ -50,14 +51,15 @@ import cache
 import data
 import metrics
 import model as M
+import pretrained as P
 import train_align
 import training as T
 
 MODALITIES = {"video+audio": (True, True), "video": (True, False), "audio": (False, True)}
 
 
-# Flag defaults that depend on --preset. full: the paper's recipe (DESIGN.md section 7; it
-# gives no step count: 60,000 is this project's choice). tiny: a few minutes on a 2-core CPU.
+# Flag defaults that depend on --preset. full: the paper's recipe (the paper and the authors'
+# LAVIS run configuration; neither gives a step count: 60,000 is this project's choice). tiny: a few minutes on a 2-core CPU.
 RECIPE = {
     "batch_size": {"full": 16, "tiny": 32},
     "lr": {"full": 2e-4, "tiny": 1e-3},
@@ -85,7 +87,8 @@ TINY_REASONS = {
     "cache_features": "the frozen encoders run once per clip: about four times the steps in the same time",
     "frozen_patch_dropout": "the tiny recipe, measured without it in the README's results",
 }
-CACHE_VIEW = "a feature cache holds one view of each clip, so no random patches"
+GIVES_WAY = {"frozen_patch_dropout": "a feature cache holds one view of each clip, so no random patches",
+             "cache_features": "--frozen-patch-dropout needs the encoders on every batch"}
 
 
 def get_args(argv=None):
@@ -136,20 +139,16 @@ def get_args(argv=None):
     T.check_decoding_args(p, args)
     args.recipe_given = [d for d in RECIPE if getattr(args, d) is not None]
     args.recipe_reasons = dict(TINY_REASONS) if args.preset == "tiny" else {}
+    T.fill_preset_defaults(args, RECIPE)
     # a feature cache holds one view of each clip, which patch dropout would change at every
     # step: a flag given on the command line wins, a defaulted one gives way, both is an error
     if args.cache_features and args.frozen_patch_dropout:
-        p.error("--frozen-patch-dropout needs the frozen encoders to run on every batch, and "
-                "--cache-features holds one view of each clip: choose one")
-    if args.frozen_patch_dropout and args.cache_features is None:
-        args.cache_features = False
-        args.recipe_reasons["cache_features"] = "--frozen-patch-dropout needs the encoders on every batch"
-    if args.cache_features is None:
-        args.cache_features = RECIPE["cache_features"][args.preset]
-    if args.cache_features and args.frozen_patch_dropout is None:
-        args.frozen_patch_dropout = False
-        args.recipe_reasons["frozen_patch_dropout"] = CACHE_VIEW
-    T.fill_preset_defaults(args, RECIPE)
+        if "cache_features" in args.recipe_given and "frozen_patch_dropout" in args.recipe_given:
+            p.error("--frozen-patch-dropout needs the frozen encoders to run on every batch, and "
+                    "--cache-features holds one view of each clip: choose one")
+        off = "cache_features" if "frozen_patch_dropout" in args.recipe_given else "frozen_patch_dropout"
+        setattr(args, off, False)
+        args.recipe_reasons[off] = GIVES_WAY[off]
     return args
 
 
@@ -158,12 +157,12 @@ def build_tokenizer(args, train_records, out_dir, resumed=None):
     again could number its pieces differently); else bert-base-cased's when --bert names it;
     else a WordPiece vocabulary trained on the training captions, saved beside the checkpoint."""
     if resumed is not None:
-        return M.Tokenizer.from_string(resumed["tokenizer"])
+        return data.Tokenizer.from_string(resumed["tokenizer"])
     if args.bert:
-        return M.Tokenizer.from_bert(args.bert)
+        return data.Tokenizer.from_bert(args.bert)
     path = os.path.join(out_dir, "tokenizer.json")
     if T.is_master():
-        tok = M.Tokenizer.train([r[args.caption_field] for r in train_records], args.vocab_size)
+        tok = data.Tokenizer.train([r[args.caption_field] for r in train_records], args.vocab_size)
         os.makedirs(out_dir, exist_ok=True)
         tok.save(path)
     if torch.distributed.is_initialized():
@@ -171,7 +170,7 @@ def build_tokenizer(args, train_records, out_dir, resumed=None):
         # tokenizers library's hash maps), so every rank takes rank 0's vocabulary
         torch.distributed.barrier()
         if not T.is_master():
-            tok = M.Tokenizer.load(path)
+            tok = data.Tokenizer.load(path)
     return tok
 
 
@@ -293,7 +292,7 @@ def model_state(net, tokenizer, encoders, folder):
             return name  # a Hugging Face repo id or a URL
         path = os.path.abspath(name)
         return os.path.basename(path) if os.path.dirname(path) == os.path.abspath(folder) else path
-    return {"model": M.stage2_state_dict(net), "config": asdict(net.cfg), "tokenizer": tokenizer.tok.to_str(),
+    return {"model": P.stage2_state_dict(net), "config": asdict(net.cfg), "tokenizer": tokenizer.tok.to_str(),
             "encoders": {k: portable(v) for k, v in encoders.items()}}
 
 
@@ -327,6 +326,60 @@ def check_same_run(path, resumed, args, cfg, sources):
         raise data.DataError(f"--resume {path}: this run differs from the one that wrote it: {'; '.join(differ)}")
 
 
+def add_towers(net, args, encoders, device, dtype, ddp):
+    """The frozen towers, for a run that calls them: built, loaded (or, with no file to load,
+    this run's own initialisation saved for sample.py, and `encoders` pointed at it) and moved
+    to the device."""
+    given = dict(encoders)
+    net.build_encoders()
+    for name, enc in (("video", net.video_encoder), ("audio", net.audio_encoder)):
+        if not encoders[name]:
+            why = "--no-align" if args.no_align else f"nothing at {args.align_dir}/{name}.pth"
+            T.print0(f"no {name} encoder weights (no --{name}-encoder, {why}): "
+                     f"using this run's own initialisation of the {name} encoder")
+            encoders[name] = os.path.join(args.out_dir, f"{name}.pth")
+            if T.is_master():
+                T.save_checkpoint(encoders[name], enc.state_dict())
+    P.load_pretrained(net, video=given["video"], audio=given["audio"])
+    for enc in (net.video_encoder, net.audio_encoder):
+        enc.to(device)
+        if dtype == torch.bfloat16:  # the frozen towers only read: bf16 halves their memory, no casts per step
+            enc.to(dtype)
+    if ddp:
+        # a run's own initialisation drew each rank's towers with seed + rank: every rank takes
+        # rank 0's before the cache's fingerprint is taken (the DDP wrapper comes after the cache)
+        T.broadcast_from_rank0(net.encoder_parameters())
+
+
+def towers_or_cache(net, sets, args, encoders, given, device, dtype, ctx, ddp, rank, world):
+    """The cache-or-towers decision. Without --cache-features the towers run on every batch
+    and the datasets `sets` ({split: AVCaptionDataset}) are returned as they are. With it,
+    each clip's encoder outputs are computed once into a FeatureCache (cache.py), which is
+    returned in their place; the towers are built only where an entry is missing (or to
+    fingerprint this run's own initialisation), and let go of once every entry is there."""
+    T.print0("feature cache: " + ("on: training without flips, random audio chunks or patch dropout "
+                                  "(--no-cache-features to keep them)"
+                                  if args.cache_features else "off: the encoders run on every batch"))
+    if not args.cache_features or not all(given.values()):
+        add_towers(net, args, encoders, device, dtype, ddp)
+    if not args.cache_features:
+        return sets
+    towers = {name: (P.weights_file(given[name]), getattr(net.cfg, name)) if given[name]
+              else net.get_submodule(f"{name}_encoder") for name in ("video", "audio")}
+    fingerprint = cache.encoder_fingerprint(towers, args.modalities, dtype)
+    cached = {split: cache.FeatureCache(args.cache_dir, ds, net.cfg, fingerprint) for split, ds in sets.items()}
+    if net.video_encoder is None and not all(fc.complete() for fc in cached.values()):
+        add_towers(net, args, encoders, device, dtype, ddp)
+    for split, fc in cached.items():
+        fc.build(net, device, ctx, args.batch_size, T.loader_workers(args, False, device), rank, world,
+                 f"cache {split}")
+    if net.video_encoder is None:
+        T.print0("feature cache complete: the frozen encoders are not built")
+    else:
+        net.drop_encoders()  # their outputs are in the cache: training holds only what it trains
+    return cached
+
+
 def main(argv=None):
     args = get_args(argv)
     metrics_note = metrics.check_caption_metrics()  # a missing dependency stops the run now, not at evaluation
@@ -336,9 +389,9 @@ def main(argv=None):
                  f"`python train_align.py {' '.join(argv)}` would (--no-align skips it)")
         train_align.main(argv)
     ddp, rank, local_rank, world, device, dtype, ctx = T.setup_run(args)
+    # data: every annotation file is checked before the (possibly large) model is built
     data_dir, anns = T.resolve_data_paths(args)
     args.caption_field, why = data.caption_field_for(anns["train"], args.caption_field)
-    # every annotation file is checked before the (possibly large) model is built
     records = {split: data.load_annotations(path, args.caption_field) for split, path in anns.items()}
     train_records = data.caption_pairs(records["train"], args.caption_field)
     resumed = T.load_checkpoint(args.resume) if args.resume else None
@@ -350,86 +403,34 @@ def main(argv=None):
     T.print0(f"recipe (--preset {args.preset}; full is the paper's):\n"
              + "\n".join(T.describe_recipe(args, RECIPE, args.recipe_given, args.recipe_reasons)))
     T.print0(f"caption field: '{args.caption_field}' ({why})\n{metrics_note}")
-
+    media = data.MediaConfig.from_model(cfg)
+    sets = {"train": data.AVCaptionDataset(anns["train"], data_dir, media, args.caption_field, seed=args.seed,
+                                           train=not args.cache_features, modalities=args.modalities)}
+    sets.update({split: data.AVCaptionDataset(anns[split], data_dir, media, args.caption_field,
+                                              modalities=args.modalities, by_clip=True) for split in ("val", "test")})
+    references = {split: sets[split].references for split in ("val", "test")}
+    # model: the Q-Former side from BERT / BLIP-2, then the frozen towers or their cached outputs
     encoders = encoder_files(args, cfg)
     given = dict(encoders)  # what load_pretrained reads: files, folders or Hugging Face names
     if resumed is not None:
         check_same_run(args.resume, resumed, args, cfg, given)
-    net = M.UniQ4Cap(cfg, encoders=False)  # the towers are built below, only if this run calls them
-    M.load_pretrained(net, bert=args.bert, blip2=args.blip2, query_noise=args.query_noise)
+    net = M.UniQ4Cap(cfg, encoders=False)  # the towers are built only if this run calls them
+    P.load_pretrained(net, bert=args.bert, blip2=args.blip2, query_noise=args.query_noise)
     net.to(device)
-
-    def add_towers():
-        """The frozen towers, for a run that calls them: built, loaded (or this run's own
-        initialisation saved, when there is nothing to load) and moved to the device."""
-        net.build_encoders()
-        for name, enc in (("video", net.video_encoder), ("audio", net.audio_encoder)):
-            if not encoders[name]:
-                # no stage-1 output: keep this run's own initialisation, saved so sample.py
-                # rebuilds the same frozen encoder
-                why = "--no-align" if args.no_align else f"nothing at {args.align_dir}/{name}.pth"
-                T.print0(f"no {name} encoder weights (no --{name}-encoder, {why}): "
-                         f"using this run's own initialisation of the {name} encoder")
-                encoders[name] = os.path.join(args.out_dir, f"{name}.pth")
-                if T.is_master():
-                    T.save_checkpoint(encoders[name], enc.state_dict())
-        M.load_pretrained(net, video=given["video"], audio=given["audio"])
-        net.video_encoder.to(device)
-        net.audio_encoder.to(device)
-        if dtype == torch.bfloat16:
-            # the frozen encoders only read: hold them in bf16 (half the memory, no casts per step)
-            net.video_encoder.to(dtype)
-            net.audio_encoder.to(dtype)
-        if ddp:
-            # a run's own initialisation drew each rank's towers with seed + rank: every rank
-            # takes rank 0's before the cache's fingerprint is taken (the DDP wrapper, which
-            # would do it, comes after the cache, when the towers are gone)
-            T.broadcast_from_rank0(net.encoder_parameters())
-
-    if not args.cache_features or not all(given.values()):
-        add_towers()  # (a run's own initialisation is hashed from the built towers)
-    media = data.MediaConfig.from_model(cfg)
-    train_set = data.AVCaptionDataset(anns["train"], data_dir, media, args.caption_field,
-                                      train=not args.cache_features, modalities=args.modalities, seed=args.seed)
-    val_set, test_set = (data.AVCaptionDataset(anns[split], data_dir, media, args.caption_field,
-                                               modalities=args.modalities, by_clip=True) for split in ("val", "test"))
-    val_refs, test_refs = val_set.references, test_set.references
-    T.print0("feature cache: " + ("on: training without flips, random audio chunks or patch dropout "
-                                  "(--no-cache-features to keep them)"
-                                  if args.cache_features else "off: the encoders run on every batch"))
-    if args.cache_features:
-        # from here on the datasets yield encoder outputs instead of pixels and spectrograms
-        towers = {name: (M.weights_file(given[name]), getattr(cfg, name)) if given[name]
-                  else net.get_submodule(f"{name}_encoder") for name in ("video", "audio")}
-        fingerprint = cache.encoder_fingerprint(towers, args.modalities, dtype)
-        sets = {split: cache.FeatureCache(args.cache_dir, dataset, cfg, fingerprint)
-                for split, dataset in (("train", train_set), ("val", val_set), ("test", test_set))}
-        if net.video_encoder is None and not all(fc.complete() for fc in sets.values()):
-            add_towers()
-        for split, fc in sets.items():
-            fc.build(net, device, ctx, args.batch_size, T.loader_workers(args, False, device), rank, world,
-                     f"cache {split}")
-        train_set, val_set, test_set = sets["train"], sets["val"], sets["test"]
-        if net.video_encoder is None:
-            T.print0("feature cache complete: the frozen encoders are not built")
-        else:
-            net.drop_encoders()  # their outputs are in the cache: training holds only what it trains
+    sets = towers_or_cache(net, sets, args, encoders, given, device, dtype, ctx, ddp, rank, world)
     args.num_workers = T.loader_workers(args, args.cache_features, device)  # training's and evaluation's loaders
-    # no find_unused_parameters under DDP: every trained parameter gets a gradient on every
-    # rank (what the caption cannot reach is frozen, UniQ4Cap.unreachable_parameters, and a
-    # modality absent from a micro-batch gives a zero one, UniQ4Cap.memory)
+    # optimiser: no find_unused_parameters under DDP, since every trained parameter gets a
+    # gradient on every rank (UniQ4Cap.unreachable_parameters, UniQ4Cap.memory)
     model = T.training_handle(net, args.compile, ddp, device)
     optimizer = T.make_optimizer(net, args.lr, args.weight_decay, device_type=device.type)
-    step, position, extras = T.resume_training(resumed, args.resume, lambda sd: M.map_stage2(net, sd, args.resume),
+    step, position, extras = T.resume_training(resumed, args.resume, lambda sd: P.map_stage2(net, sd, args.resume),
                                                optimizer)
     best = extras.get("best")
     T.print0(f"stage 2 ({args.preset}, {args.modalities}): {net.num_params(True) / 1e6:.2f}M trainable "
-             f"parameters on {device}, {len(train_set)} training (clip, caption) pairs of "
-             f"{len({r['id'] for r in records['train']})} clips, "
-             f"vocabulary {cfg.qformer.vocab_size}")
+             f"parameters on {device}, {len(sets['train'])} training (clip, caption) pairs of "
+             f"{len({r['id'] for r in records['train']})} clips, vocabulary {cfg.qformer.vocab_size}")
 
-    stream = T.training_batches(train_set, args, rank, world, position)
-
+    # loop: the caption loss on each batch; validation, best.pth and last.pth every eval_every steps
     def loss_fn(batch):
         batch = hide_modalities(batch, args.modality_dropout, args.seed)
         ids, mask = tokenizer.encode(batch["captions"], cfg.max_text_len)
@@ -441,11 +442,10 @@ def main(argv=None):
     def validate_and_save(step, bar):
         nonlocal best
         if T.is_master() and (step % eval_every == 0 or step == args.max_steps):
-            # (last.pth below saves the random generators after the evaluation, which is where
-            # this run goes on from, as a run resumed from it will)
-            # validation picks best.pth by CIDEr: METEOR, the slowest metric (Java, several
-            # seconds on 300 clips), is left to the test evaluation
-            scores = evaluate(net, val_set, val_refs, tokenizer, device, ctx, args, args.eval_max, meteor=False)
+            # validation picks best.pth by CIDEr and leaves METEOR, the slowest metric, to the test;
+            # last.pth below saves the random generators after it, where a resumed run goes on
+            scores = evaluate(net, sets["val"], references["val"], tokenizer, device, ctx, args, args.eval_max,
+                              meteor=False)
             log.log(step=step, val=scores)
             bar.write(f"step {step} val: " + fmt(scores))
             if best is None or scores["CIDEr"] > best["CIDEr"]:
@@ -461,16 +461,14 @@ def main(argv=None):
 
     eval_every = args.eval_every or max(1, args.max_steps // 4)
     log = T.MetricsLogger(os.path.join(args.out_dir, "metrics.jsonl"))
+    stream = T.training_batches(sets["train"], args, rank, world, position)
     loop = T.Loop(stream, loss_fn, every=eval_every, on_every=validate_and_save, log=log, desc="stage 2")
     step, losses_seen = T.run_training(model, optimizer, loop, args, step)
     if step < args.max_steps:
         T.print0(f"stopped at step {step} (--stop-at); resume with --resume {args.out_dir}/last.pth")
-        T.cleanup_distributed(ddp)
-        return losses_seen
-
-    if T.is_master():
-        M.load_pretrained(net, stage2=os.path.join(args.out_dir, "best.pth"))
-        test = evaluate(net, test_set, test_refs, tokenizer, device, ctx, args)
+    elif T.is_master():  # test: the best checkpoint by validation CIDEr, on the test split
+        P.load_pretrained(net, stage2=os.path.join(args.out_dir, "best.pth"))
+        test = evaluate(net, sets["test"], references["test"], tokenizer, device, ctx, args)
         T.print0(f"test (best by val CIDEr, step {best['step']}): " + fmt(test))
         T.write_json(os.path.join(args.out_dir, "metrics.json"),
                      {"test": test, "best_step": best["step"], "modalities": args.modalities,

@@ -4,8 +4,8 @@ Owns: the flags the scripts share (training flags with per-preset defaults, the 
 flags of sample.py and of stage 2's evaluation) and run_script, which turns input errors into
 one `error:` line and exit code 2; device and precision, torchrun DDP set-up (gloo on CPU,
 NCCL on GPU), seeds, the handle a script trains through (compiled, DDP-wrapped), AdamW
-parameter groups and the paper's warm-up + cosine learning rate (DESIGN.md section 7), one
-optimisation step with gradient accumulation and clipping, the training loop, atomic
+parameter groups and the paper's warm-up + cosine learning rate (LAVIS's
+`linear_warmup_cosine_lr`), one optimisation step with gradient accumulation and clipping, the training loop, atomic
 checkpoints and the resumable training state (model, optimizer, step, data position, every
 rank's RNG states) that resumes exactly, the training stream (unreadable clips counted and
 skipped), the JSONL metrics log and rank-0 progress bars.
@@ -33,7 +33,7 @@ random generators back only after everything that draws from them before trainin
 
 run_training sets the learning rate of each step (lr_at) and runs train_step over
 --grad-accum micro-batches; save_training_state and resume_training are the two halves of
-the checkpoint contract (train_caption.py puts the weights back with model.map_stage2, and
+the checkpoint contract (train_caption.py puts the weights back with pretrained.map_stage2, and
 its last.pth also carries what sample.py reads).
 """
 
@@ -53,6 +53,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+
+import data
+import pretrained
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -181,11 +184,9 @@ def run_script(main, argv=None):
     an annotation file or a data set that cannot be used, a checkpoint that cannot be read or
     does not fit, a missing optional dependency) end
     with one `error: ...` line on stderr and exit code 2 instead of a traceback."""
-    import data
-    import model
     try:
         return main(argv)
-    except (FileNotFoundError, ModuleNotFoundError, data.DataError, model.CheckpointError) as e:
+    except (FileNotFoundError, ModuleNotFoundError, data.DataError, pretrained.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
@@ -472,10 +473,9 @@ def load_checkpoint(path):
     """Read one of our checkpoints onto the CPU (load_state_dict moves tensors to the model's
     and optimizer's device). A missing path is an error, never a silent fresh start. Loaded
     with weights_only=True: our checkpoints hold only tensors and plain values."""
-    import model  # its reader names a truncated or corrupt file in one line
     if not os.path.isfile(path):
         raise FileNotFoundError(f"cannot resume: no checkpoint file at {path!r}")
-    return model.read_state_dict(path)
+    return pretrained.read_state_dict(path)
 
 
 TRAINING_STATE = ("model", "optimizer", "step", "data", "rng")  # what resume_training restores
@@ -500,7 +500,7 @@ def save_training_state(path, optimizer, step, position, **state):
 def resume_training(ckpt, source, load_weights, optimizer):
     """Undo save_training_state. `ckpt` is what load_checkpoint read from `source`, or None
     for a fresh start. load_weights(ckpt["model"]) puts the weights back (the model's
-    load_state_dict, or a mapping such as model.map_stage2); then the optimizer, and this
+    load_state_dict, or a mapping such as pretrained.map_stage2); then the optimizer, and this
     rank's random generators, so call it after everything that draws random numbers before
     training (initialisation, a feature cache). Returns (step, data position, the script's
     extras: every other entry of `ckpt`)."""
@@ -572,7 +572,6 @@ def add_data_args(p):
 def resolve_data_paths(args):
     """Fill in the embedded dataset for whatever the user did not name, creating it on
     first use. Returns (data_dir, {split: annotation path}) and says which data it uses."""
-    import data
     if args.data_dir is None:
         if is_master():
             data.ensure_embedded_dataset()
@@ -666,7 +665,6 @@ def batches_forever(dataset, loader_fn, sampler, state, tracker=None):
     with data.UnreadableClips and the skip report, instead of training on nothing forever.
     Each batch also carries its "epoch", for draws that must depend on it
     (train_caption.hide_modalities)."""
-    import data
     first = True
     while True:
         dataset.set_epoch(state["epoch"])
@@ -698,7 +696,6 @@ def training_batches(dataset, args, rank, world, position):
     shuffled with --seed) in batches of --batch-size from --num-workers loader processes,
     epoch after epoch (batches_forever) from `position` on, which it keeps up to date for
     save_training_state; unreadable clips are counted against --max-skip-fraction."""
-    import data
     sampler = EpochSampler(len(dataset), args.seed, rank, world)
     loader_fn = lambda: make_loader(dataset, args.batch_size, sampler, args.num_workers, data.collate)
     return batches_forever(dataset, loader_fn, sampler, position, data.SkipTracker(args.max_skip_fraction))

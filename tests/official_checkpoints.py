@@ -1,5 +1,5 @@
-"""Synthetic state dicts with the official checkpoints' key names and shapes (DESIGN.md
-section 5), written out independently of model.py so the loaders are tested against the
+"""Synthetic state dicts with the official checkpoints' key names and shapes (the files listed in
+pretrained.py's docstring), written out independently of model.py so the loaders are tested against the
 files' names, not against our own. `make(shapes, device)` fills them: random values on the
 CPU for tiny sizes, empty tensors on `meta` for the full preset; `position_ids` buffers are
 int64 aranges, as HF saves them. `hf_cache` lays files out as huggingface_hub's cache does."""

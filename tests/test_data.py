@@ -861,3 +861,41 @@ print(sum(len(x) for x in loader))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "32", done.stderr
+
+
+# --- captions -> token ids
+
+
+def test_bert_vocabulary_gets_dec_as_its_last_id(tmp_path):
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "##s", "Moves"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = data.Tokenizer.from_bert(str(tmp_path))
+    assert tok.bos_id == len(words) and tok.vocab_size == len(words) + 1
+    ids, mask = tok.encode(["a red circles", "Moves"])
+    assert ids[0].tolist() == [tok.bos_id, 5, 6, 7, 8, tok.sep_id]  # cased, [DEC] ... [SEP]
+    assert ids[1].tolist() == [tok.bos_id, 9, tok.sep_id, 0, 0, 0] and mask[1].sum() == 3
+    assert tok.decode(ids[0, 1:]) == "a red circles"
+
+
+def test_trained_tokenizer_round_trips_through_its_file(tmp_path):
+    captions = ["a red circle moves left", "a blue square moves up over rain"] * 5
+    tok = data.Tokenizer.train(captions, vocab_size=200)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    again = data.Tokenizer.load(str(tmp_path / "tokenizer.json"))
+    cfg = again.configure(model.tiny_config())
+    assert cfg.qformer.bos_token_id == tok.bos_id and cfg.qformer.vocab_size == tok.vocab_size
+    ids, _ = again.encode(captions[:2])
+    assert torch.equal(ids, tok.encode(captions[:2])[0])
+    assert [again.decode(r[1:]) for r in ids] == captions[:2]
+
+
+def test_trained_tokenizer_is_the_same_every_time_and_spells_unseen_words():
+    """The same captions give the same vocabulary and ids (a run with the same seed trains
+    the same); a word left out of a small vocabulary is spelled from its characters."""
+    captions = ["a red circle moves left", "a blue square moves up over rain", "Rain!"] * 3
+    vocabs = [data.Tokenizer.train(captions, vocab_size=200).tok.get_vocab() for _ in range(3)]
+    assert vocabs[0] == vocabs[1] == vocabs[2]
+    tok = data.Tokenizer.train(captions, vocab_size=40)  # specials and characters, then the commonest words
+    assert tok.pad_id == 0 and tok.sep_id == 3 and tok.bos_id == 5  # tiny_config's special ids
+    assert tok.tok.encode("square", add_special_tokens=False).tokens == ["s", "##q", "##u", "##a", "##r", "##e"]
+    assert tok.decode(tok.encode(["a blue square"])[0][0, 1:]) == "a blue square"

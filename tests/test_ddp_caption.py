@@ -60,10 +60,10 @@ def runs(tmp_path_factory):
 
     ranks = launch_local(run_stage2, argv("two-ranks", B), world_size=WORLD)
     saved = dict(M.PRESETS)
-    ranks_vocabulary = M.Tokenizer.load(str(root / "two-ranks" / "tokenizer.json"))
+    ranks_vocabulary = data.Tokenizer.load(str(root / "two-ranks" / "tokenizer.json"))
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(M.Tokenizer, "train", lambda captions, vocab_size: ranks_vocabulary)
+            mp.setattr(data.Tokenizer, "train", lambda captions, vocab_size: ranks_vocabulary)
             one = run_stage2(argv("one-process", WORLD * B))
     finally:
         M.PRESETS.update(saved)

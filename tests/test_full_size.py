@@ -1,4 +1,4 @@
-"""The paper's setting end to end on the CPU, at full size (DESIGN.md sections 2-5 and 7).
+"""The paper's setting end to end on the CPU, at full size (model.full_config, train_caption.py's full recipe).
 
 Official-layout files with random weights at the real shapes (LanguageBind's video and audio
 `pytorch_model.bin`, a bert-base-cased folder, BLIP-2's `blip2_pretrained.pth`), three real mp4

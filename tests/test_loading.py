@@ -17,6 +17,7 @@ import torch
 
 import data
 import model as M
+import pretrained as P
 import train_caption
 import training as T
 from tests import official_checkpoints as official
@@ -38,7 +39,7 @@ def test_languagebind_video_conv2d_becomes_conv3d(cfg, tmp_path):
     sd = official.make(official.languagebind(cfg.video))
     torch.save(sd, tmp_path / "pytorch_model.bin")
     model = fresh(cfg)
-    M.load_languagebind(model.video_encoder, str(tmp_path / "pytorch_model.bin"))
+    P.load_pretrained(model, video=str(tmp_path / "pytorch_model.bin"))
     emb = model.video_encoder.embeddings
     assert torch.equal(emb.patch_embedding.weight[:, :, 0], sd["vision_model.embeddings.patch_embedding.weight"])
     assert torch.equal(emb.class_embedding, sd["vision_model.embeddings.class_embedding"].expand(cfg.video.num_frames, -1))
@@ -67,7 +68,7 @@ def test_image_positions_are_interpolated_to_the_audio_grid(cfg):
     pos[0] = 7.0
     sd["embeddings.position_embedding.weight"] = pos
     model = fresh(cfg)
-    M.map_encoder(model.audio_encoder, sd, "image-clip")
+    P.map_encoder(model.audio_encoder, sd, "image-clip")
     got = model.audio_encoder.embeddings.position_embedding.weight
     assert got.shape == (cfg.audio.tokens_per_frame, cfg.audio.width)
     assert torch.all(got[0] == 7.0)
@@ -80,8 +81,7 @@ def test_authors_encoders_round_trip_the_function(cfg, tmp_path):
     a, b = fresh(cfg), M.UniQ4Cap(cfg).eval()
     torch.save(a.video_encoder.state_dict(), tmp_path / "video.pth")
     torch.save(a.audio_encoder.state_dict(), tmp_path / "audio.pth")
-    M.load_encoder(b.video_encoder, str(tmp_path / "video.pth"))
-    M.load_encoder(b.audio_encoder, str(tmp_path / "audio.pth"))
+    P.load_pretrained(b, video=str(tmp_path / "video.pth"), audio=str(tmp_path / "audio.pth"))
     video = torch.randn(2, 3, cfg.video.num_frames, *cfg.video.image_size)
     audio = torch.randn(2, 3, *cfg.audio.image_size)
     torch.testing.assert_close(a.video_encoder(video)[0], b.video_encoder(video)[0])
@@ -101,7 +101,7 @@ def test_bert_base_cased(cfg, tmp_path, fmt):
         path = tmp_path / "model.safetensors"
         save_file(sd, str(path))
     model = fresh(cfg)
-    M.load_bert(model, str(path))
+    P.load_bert(model, str(path))
     q = model.Qformer
     g = "gamma" if fmt.startswith("bin") else "weight"
     words = sd["bert.embeddings.word_embeddings.weight"]
@@ -123,7 +123,7 @@ def test_blip2_qformer_tiles_queries_and_skips_embeddings(cfg, tmp_path):
     torch.save({"model": sd}, tmp_path / "blip2_pretrained.pth")
     model = fresh(cfg)
     words_before = model.Qformer.bert.embeddings.word_embeddings.weight.clone()
-    M.load_blip2(model, str(tmp_path / "blip2_pretrained.pth"))
+    P.load_blip2(model, str(tmp_path / "blip2_pretrained.pth"))
     half = cfg.qformer.num_query_tokens // 2
     q = model.query_tokens
     assert torch.equal(q[:, :half], sd["query_tokens"]) and torch.equal(q[:, half:], sd["query_tokens"])
@@ -132,14 +132,14 @@ def test_blip2_qformer_tiles_queries_and_skips_embeddings(cfg, tmp_path):
     assert torch.equal(model.Qformer.bert.embeddings.word_embeddings.weight, words_before)
     assert torch.equal(model.itm_head.weight, sd["itm_head.weight"])
     noisy = fresh(cfg)
-    M.load_blip2(noisy, str(tmp_path / "blip2_pretrained.pth"), query_noise=0.01)
+    P.load_blip2(noisy, str(tmp_path / "blip2_pretrained.pth"), query_noise=0.01)
     assert not torch.equal(noisy.query_tokens[:, :half], noisy.query_tokens[:, half:])
 
 
 def test_stage2_checkpoint_reproduces_the_model(cfg, tmp_path):
     a, b = fresh(cfg), M.UniQ4Cap(cfg).eval()
-    torch.save({"model": M.stage2_state_dict(a), "optimizer": {}, "epoch": 3}, tmp_path / "checkpoint_3.pth")
-    M.load_stage2(b, str(tmp_path / "checkpoint_3.pth"))
+    torch.save({"model": P.stage2_state_dict(a), "optimizer": {}, "epoch": 3}, tmp_path / "checkpoint_3.pth")
+    P.load_stage2(b, str(tmp_path / "checkpoint_3.pth"))
     b.video_encoder.load_state_dict(a.video_encoder.state_dict())
     b.audio_encoder.load_state_dict(a.audio_encoder.state_dict())
     video = torch.randn(2, 3, cfg.video.num_frames, *cfg.video.image_size)
@@ -148,7 +148,7 @@ def test_stage2_checkpoint_reproduces_the_model(cfg, tmp_path):
     torch.testing.assert_close(a(video, audio, ids)[0], b(video, audio, ids)[0])
     # our names are the official ones; decoder.bias is an alias of predictions.bias in HF's BERT,
     # and the authors' file also carries buffers this model recomputes
-    assert set(M.stage2_state_dict(a)) == (set(official.stage2(cfg)) - {"Qformer.cls.predictions.decoder.bias"}
+    assert set(P.stage2_state_dict(a)) == (set(official.stage2(cfg)) - {"Qformer.cls.predictions.decoder.bias"}
                                            - set(official.STAGE2_BUFFERS))
 
 
@@ -158,45 +158,45 @@ def test_full_preset_key_sets_and_shapes_on_meta(capsys):
     with torch.device("meta"):
         model = M.UniQ4Cap(cfg)
     assert cfg.audio.tokens_per_frame == 593 and cfg.video.tokens_per_frame == 257
-    M.map_encoder(model.video_encoder, official.make(official.authors_encoder(cfg.video), "meta"), "video.pth")
-    M.map_encoder(model.audio_encoder, official.make(official.authors_encoder(cfg.audio), "meta"), "audio.pth")
+    P.map_encoder(model.video_encoder, official.make(official.authors_encoder(cfg.video), "meta"), "video.pth")
+    P.map_encoder(model.audio_encoder, official.make(official.authors_encoder(cfg.audio), "meta"), "audio.pth")
     for conv3d in (False, True):
-        M.map_languagebind(model.video_encoder, official.make(official.languagebind(cfg.video, conv3d), "meta"))
-    M.map_languagebind(model.audio_encoder, official.make(official.languagebind(cfg.audio), "meta"))
+        P.map_languagebind(model.video_encoder, official.make(official.languagebind(cfg.video, conv3d), "meta"))
+    P.map_languagebind(model.audio_encoder, official.make(official.languagebind(cfg.audio), "meta"))
     image_clip = official.authors_encoder(cfg.audio)
     image_clip["embeddings.position_embedding.weight"] = (257, 1024)  # a plain image ViT-L/14
-    M.map_encoder(model.audio_encoder, official.make(image_clip, "meta"), "CLIP ViT-L/14")
+    P.map_encoder(model.audio_encoder, official.make(image_clip, "meta"), "CLIP ViT-L/14")
     bert = official.bert(cfg.qformer)
     assert bert["bert.embeddings.word_embeddings.weight"] == (28996, 768)
-    M.map_bert(model, official.make(bert, "meta"))
+    P.map_bert(model, official.make(bert, "meta"))
     assert "bert.encoder.layer.{0,2,4,6,8,10}.crossattention (new in BERT" in capsys.readouterr().err
-    M.map_bert(model, official.make(official.bert(cfg.qformer, prefix=""), "meta"))
+    P.map_bert(model, official.make(official.bert(cfg.qformer, prefix=""), "meta"))
     blip2 = official.blip2(cfg.qformer)
     assert blip2["query_tokens"] == (1, 32, 768)
     assert blip2["Qformer.bert.encoder.layer.0.crossattention.self.key.weight"] == (768, 1408)
-    M.map_blip2(model, official.make(blip2, "meta"))
-    M.map_stage2(model, official.authors_stage2_file(cfg, "meta")["model"])
+    P.map_blip2(model, official.make(blip2, "meta"))
+    P.map_stage2(model, official.authors_stage2_file(cfg, "meta")["model"])
 
 
 def test_missing_key_is_named(cfg):
     sd = official.make(official.authors_encoder(cfg.audio))
     del sd["encoder.layers.1.mlp.fc2.bias"]
     with pytest.raises(KeyError, match="encoder.layers.1.mlp.fc2.bias"):
-        M.map_encoder(fresh(cfg).audio_encoder, sd, "audio.pth")
+        P.map_encoder(fresh(cfg).audio_encoder, sd, "audio.pth")
 
 
 def test_wrong_shape_is_named_with_both_shapes(cfg):
     sd = official.make(official.stage2(cfg))
     sd["video_project.weight"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match=r"video_project.weight.*expected \(96, 64\), found \(3, 3\)"):
-        M.map_stage2(fresh(cfg), sd)
+        P.map_stage2(fresh(cfg), sd)
 
 
 def test_unexpected_key_is_named(cfg):
     sd = official.make(official.bert(cfg.qformer))
     sd["bert.encoder.layer.0.attention.self.rotary.weight"] = torch.zeros(1)
     with pytest.raises(KeyError, match="rotary"):
-        M.map_bert(fresh(cfg), sd)
+        P.map_bert(fresh(cfg), sd)
 
 
 def test_unexpected_languagebind_key_is_named(cfg, tmp_path):
@@ -204,12 +204,12 @@ def test_unexpected_languagebind_key_is_named(cfg, tmp_path):
     sd["audio_model.stray.weight"] = torch.zeros(1)
     torch.save(sd, tmp_path / "pytorch_model.bin")
     with pytest.raises(KeyError, match="audio_model.stray.weight"):
-        M.load_languagebind(fresh(cfg).video_encoder, str(tmp_path / "pytorch_model.bin"))
+        P.load_pretrained(fresh(cfg), video=str(tmp_path / "pytorch_model.bin"))
 
 
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.pth"):
-        M.read_state_dict(str(tmp_path / "nothing.pth"))
+        P.read_state_dict(str(tmp_path / "nothing.pth"))
 
 
 # -----------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def test_authors_stage2_file_loads_with_its_buffers(cfg, tmp_path):
     assert set(official.STAGE2_BUFFERS) <= set(ckpt["model"])
     torch.save(ckpt, tmp_path / "checkpoint_9.pth")
     model = fresh(cfg)
-    M.load_stage2(model, str(tmp_path / "checkpoint_9.pth"))
+    P.load_stage2(model, str(tmp_path / "checkpoint_9.pth"))
     sd = ckpt["model"]
     assert torch.equal(model.query_tokens, sd["query_tokens"])
     assert torch.equal(model.audio_project.weight, sd["audio_project.weight"])
@@ -237,7 +237,7 @@ def test_stage2_stays_strict_about_parameters(cfg):
     sd = official.authors_stage2_file(cfg)["model"]
     sd["Qformer.bert.embeddings.token_type_embeddings.weight"] = torch.zeros(2, cfg.qformer.hidden)
     with pytest.raises(KeyError, match="token_type_embeddings"):
-        M.map_stage2(fresh(cfg), sd)
+        P.map_stage2(fresh(cfg), sd)
 
 
 def test_languagebind_file_already_in_conv3d_form(cfg, tmp_path):
@@ -248,7 +248,7 @@ def test_languagebind_file_already_in_conv3d_form(cfg, tmp_path):
     assert "vision_model.embeddings.position_ids" in sd and "text_model.embeddings.position_ids" in sd
     torch.save(sd, tmp_path / "pytorch_model.bin")
     model = fresh(cfg)
-    M.load_languagebind(model.video_encoder, str(tmp_path / "pytorch_model.bin"))
+    P.load_pretrained(model, video=str(tmp_path / "pytorch_model.bin"))
     emb = model.video_encoder.embeddings
     assert torch.equal(emb.patch_embedding.weight, sd["vision_model.embeddings.patch_embedding.weight"])
     assert torch.equal(emb.class_embedding, sd["vision_model.embeddings.class_embedding"])
@@ -262,7 +262,7 @@ def test_bare_bert_model_without_the_bert_prefix_loads(cfg, tmp_path, capsys):
     assert not any(k.startswith(("bert.", "cls.")) for k in sd) and "embeddings.position_ids" in sd
     save_file(sd, str(tmp_path / "model.safetensors"))
     model = fresh(cfg)
-    M.load_bert(model, str(tmp_path))  # the folder
+    P.load_bert(model, str(tmp_path))  # the folder
     q = model.Qformer
     assert torch.equal(q.bert.encoder.layer[1].attention.self.key.weight, sd["encoder.layer.1.attention.self.key.weight"])
     assert torch.equal(q.bert.embeddings.word_embeddings.weight[:-1], sd["embeddings.word_embeddings.weight"])
@@ -278,7 +278,7 @@ def test_bert_without_mlm_head_initialises_ties_and_says_so(cfg, tmp_path, capsy
     with torch.no_grad():  # whatever was there before, the loader sets BERT's initialisation
         head.transform.LayerNorm.weight.fill_(3.0)
         head.bias.fill_(1.0)
-    M.load_bert(model, str(tmp_path / "pytorch_model.bin"))
+    P.load_bert(model, str(tmp_path / "pytorch_model.bin"))
     assert head.decoder.weight is model.Qformer.bert.embeddings.word_embeddings.weight  # tied
     assert torch.equal(head.decoder.weight[:-1], sd["bert.embeddings.word_embeddings.weight"])
     assert torch.all(head.transform.LayerNorm.weight == 1) and torch.all(head.bias == 0)
@@ -292,14 +292,14 @@ def test_load_reports_name_what_each_file_leaves_to_other_sources(cfg, tmp_path,
     the encoders, the new projections and what bert-base-cased provides."""
     torch.save(official.make(official.bert(cfg.qformer)), tmp_path / "pytorch_model.bin")
     model = fresh(cfg)
-    M.load_bert(model, str(tmp_path / "pytorch_model.bin"))
+    P.load_bert(model, str(tmp_path / "pytorch_model.bin"))
     err = capsys.readouterr().err
     q = cfg.qformer
     assert q.layers == 2 and q.cross_attention_freq == 2  # tiny: cross-attention in layer 0 only
     assert "bert.encoder.layer.0.crossattention (new in BERT" in err
     assert "by design: bert" not in err
     torch.save({"model": official.make(official.blip2(cfg.qformer))}, tmp_path / "blip2_pretrained.pth")
-    M.load_blip2(model, str(tmp_path / "blip2_pretrained.pth"))
+    P.load_blip2(model, str(tmp_path / "blip2_pretrained.pth"))
     err = capsys.readouterr().err
     assert "video_encoder, audio_encoder (the encoder files)" in err
     assert "ln_video, ln_audio, video_project, audio_project (new in UniQ4Cap" in err
@@ -326,7 +326,7 @@ def bert_vocab(folder, words, config=None):
 @pytest.mark.parametrize("config", [{"do_lower_case": True}, None], ids=["tokenizer_config", "inferred"])
 def test_uncased_vocabulary_lower_cases_captions(tmp_path, config, capsys):
     """An uncased vocabulary (bert-base-uncased's kind) must not turn 'Dog' into [UNK]."""
-    tok = M.Tokenizer.from_bert(bert_vocab(tmp_path / "uncased", ["a", "dog", "barks"], config))
+    tok = data.Tokenizer.from_bert(bert_vocab(tmp_path / "uncased", ["a", "dog", "barks"], config))
     ids, _ = tok.encode(["A Dog barks"])
     assert tok.tok.token_to_id("[UNK]") not in ids[0].tolist()
     assert tok.decode(ids[0, 1:]) == "a dog barks"
@@ -334,7 +334,7 @@ def test_uncased_vocabulary_lower_cases_captions(tmp_path, config, capsys):
 
 
 def test_cased_setting_keeps_case(tmp_path):
-    tok = M.Tokenizer.from_bert(bert_vocab(tmp_path / "cased", ["a", "Dog", "dog"], {"do_lower_case": False}))
+    tok = data.Tokenizer.from_bert(bert_vocab(tmp_path / "cased", ["a", "Dog", "dog"], {"do_lower_case": False}))
     ids, _ = tok.encode(["a Dog"])
     assert ids[0, 2] == tok.tok.token_to_id("Dog")
 
@@ -362,7 +362,7 @@ def hub(tmp_path, monkeypatch):
     cache = str(tmp_path / "hf-cache")
     words = ["a", "dog", "barks", "red", "circle", "##s"]
     tok_folder = bert_vocab(tmp_path / "vocab", words, {"do_lower_case": False})
-    cfg = M.Tokenizer.from_bert(tok_folder).configure(M.tiny_config())
+    cfg = data.Tokenizer.from_bert(tok_folder).configure(M.tiny_config())
     files = {"bert": official.make(official.bert(cfg.qformer, old_names=False), seed=1),
              "video": official.make(official.languagebind(cfg.video), seed=2),
              "audio": official.make(official.languagebind(cfg.audio), seed=3)}
@@ -381,7 +381,7 @@ def hub(tmp_path, monkeypatch):
 
 def test_hugging_face_names_resolve_from_the_cache(hub):
     model = M.UniQ4Cap(hub["cfg"])
-    M.load_pretrained(model, video="LanguageBind/LanguageBind_Video_FT", audio="LanguageBind/LanguageBind_Audio_FT",
+    P.load_pretrained(model, video="LanguageBind/LanguageBind_Video_FT", audio="LanguageBind/LanguageBind_Audio_FT",
                       bert="google-bert/bert-base-cased")
     f = hub["files"]
     assert torch.equal(model.video_encoder.encoder.layers[0].temporal_attn.q_proj.weight,
@@ -390,37 +390,37 @@ def test_hugging_face_names_resolve_from_the_cache(hub):
                        f["audio"]["vision_model.embeddings.position_embedding.weight"])
     assert torch.equal(model.Qformer.bert.encoder.layer[0].output.dense.weight,
                        f["bert"]["bert.encoder.layer.0.output.dense.weight"])
-    tok = M.Tokenizer.from_bert("google-bert/bert-base-cased")
+    tok = data.Tokenizer.from_bert("google-bert/bert-base-cased")
     assert tok.vocab_size == hub["cfg"].qformer.vocab_size
     # the tokenizer folder is the snapshot the weights came from
-    assert os.path.dirname(M.weights_file("google-bert/bert-base-cased")) == M.bert_folder("google-bert/bert-base-cased")
+    assert os.path.dirname(P.weights_file("google-bert/bert-base-cased")) == P.bert_folder("google-bert/bert-base-cased")
 
 
 def test_unresolvable_name_is_one_clear_line(hub):
     with pytest.raises(FileNotFoundError, match=r"nobody/nothing: .*HF_HUB_OFFLINE is set") as e:
-        M.weights_file("nobody/nothing")
+        P.weights_file("nobody/nothing")
     assert "\n" not in str(e.value)
     with pytest.raises(FileNotFoundError, match=r"out/align/vidoe.pth: no such file or folder") as e:
-        M.weights_file("out/align/vidoe.pth")  # a mistyped path is not looked up on the Hub
+        P.weights_file("out/align/vidoe.pth")  # a mistyped path is not looked up on the Hub
     with pytest.raises(FileNotFoundError, match="has no vocab.txt|HF_HUB_OFFLINE"):
-        M.Tokenizer.from_bert("LanguageBind/LanguageBind_Video_FT")
+        data.Tokenizer.from_bert("LanguageBind/LanguageBind_Video_FT")
 
 
 def test_a_bare_legacy_name_resolves_but_a_file_name_is_not_looked_up(hub):
     """`--bert bert-base-cased`, the unqualified name the Hub still resolves, loads like
     google-bert/bert-base-cased; a name that looks like a file or a path is reported missing."""
-    snapshot = M.bert_folder("google-bert/bert-base-cased")
+    snapshot = P.bert_folder("google-bert/bert-base-cased")
     official.hf_cache(hub["cache"], "bert-base-cased", {
         f: open(os.path.join(snapshot, f), "rb").read() for f in ("model.safetensors", "vocab.txt", "tokenizer_config.json")})
     model = M.UniQ4Cap(hub["cfg"])
-    M.load_pretrained(model, bert="bert-base-cased")
+    P.load_pretrained(model, bert="bert-base-cased")
     assert torch.equal(model.Qformer.bert.encoder.layer[0].output.dense.weight,
                        hub["files"]["bert"]["bert.encoder.layer.0.output.dense.weight"])
-    assert M.Tokenizer.from_bert("bert-base-cased").vocab_size == hub["cfg"].qformer.vocab_size
+    assert data.Tokenizer.from_bert("bert-base-cased").vocab_size == hub["cfg"].qformer.vocab_size
     with pytest.raises(FileNotFoundError, match=r"bert-base-uncased: .*HF_HUB_OFFLINE is set"):
-        M.weights_file("bert-base-uncased")  # looked up, and not in the cache
+        P.weights_file("bert-base-uncased")  # looked up, and not in the cache
     for name in ("video.pth", "vocab.txt", "bert-base-cased.bin", "out/caption/bert"):
-        for resolve in (M.weights_file, M.bert_folder):
+        for resolve in (P.weights_file, P.bert_folder):
             with pytest.raises(FileNotFoundError) as e:
                 resolve(name)
             assert str(e.value) == f"{name}: no such file or folder, and not a URL or a Hugging Face repo id"
@@ -432,21 +432,21 @@ def test_sample_names_every_flag_an_authors_checkpoint_needs(hub, tmp_path):
     import sample
     torch.save(official.authors_stage2_file(hub["cfg"]), tmp_path / "checkpoint_9.pth")
     argv = ["--video", "clip.mp4", "--ckpt", str(tmp_path / "checkpoint_9.pth")]
-    with pytest.raises(M.CheckpointError, match=r"carries no tokenizer, as the authors' checkpoint_N.pth: give "
+    with pytest.raises(P.CheckpointError, match=r"carries no tokenizer, as the authors' checkpoint_N.pth: give "
                                                 r"--preset and --bert \(and their encoders: --video-encoder"):
         sample.load_captioner(sample.get_args(argv))
     argv += ["--preset", "tiny", "--bert", "google-bert/bert-base-cased"]
-    with pytest.raises(M.CheckpointError) as e:
+    with pytest.raises(P.CheckpointError) as e:
         sample.load_captioner(sample.get_args(argv))
     assert str(e.value) == "no weights for the video and audio encoders: give --video-encoder and --audio-encoder"
 
 
 def test_a_checkpoint_given_as_an_encoder_is_named_as_such(cfg, tmp_path):
     """`--video-encoder out/caption/best.pth`: a {"model": ...} file, not an encoder's state dict."""
-    torch.save({"model": M.stage2_state_dict(fresh(cfg)), "config": {}}, tmp_path / "best.pth")
-    with pytest.raises(M.CheckpointError, match=r"best.pth: a training or stage-2 checkpoint \(its weights under "
+    torch.save({"model": P.stage2_state_dict(fresh(cfg)), "config": {}}, tmp_path / "best.pth")
+    with pytest.raises(P.CheckpointError, match=r"best.pth: a training or stage-2 checkpoint \(its weights under "
                                                 r"'model'\), not an encoder's weights"):
-        M.load_pretrained(fresh(cfg), video=str(tmp_path / "best.pth"))
+        P.load_pretrained(fresh(cfg), video=str(tmp_path / "best.pth"))
 
 
 def test_blip2_url_goes_through_torch_hubs_cache(cfg, tmp_path, monkeypatch):
@@ -458,7 +458,7 @@ def test_blip2_url_goes_through_torch_hubs_cache(cfg, tmp_path, monkeypatch):
     source.parent.mkdir()
     torch.save({"model": sd}, source)
     model = fresh(cfg)
-    M.load_pretrained(model, blip2=source.as_uri())
+    P.load_pretrained(model, blip2=source.as_uri())
     cached = tmp_path / "torch-home" / "hub" / "checkpoints" / "blip2_pretrained.pth"
     assert cached.exists() and torch.equal(model.itm_head.weight, sd["itm_head.weight"])
 
@@ -466,7 +466,7 @@ def test_blip2_url_goes_through_torch_hubs_cache(cfg, tmp_path, monkeypatch):
         raise AssertionError("downloaded although the file is in torch.hub's cache")
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
     again = fresh(cfg)
-    M.load_pretrained(again, blip2="blip2")
+    P.load_pretrained(again, blip2="blip2")
     assert torch.equal(again.itm_head.weight, sd["itm_head.weight"])
 
 
@@ -494,22 +494,22 @@ def run(args):
 @pytest.fixture
 def truncated(cfg, tmp_path):
     model = fresh(cfg)
-    torch.save({"model": M.stage2_state_dict(model)}, tmp_path / "best.pth")
+    torch.save({"model": P.stage2_state_dict(model)}, tmp_path / "best.pth")
     whole = (tmp_path / "best.pth").read_bytes()
     (tmp_path / "truncated.pth").write_bytes(whole[:len(whole) // 2])
     return str(tmp_path / "truncated.pth")
 
 
 def test_truncated_checkpoint_is_an_error_naming_the_file(truncated, tmp_path):
-    with pytest.raises(M.CheckpointError, match=r"truncated.pth: cannot read this checkpoint") as e:
-        M.read_state_dict(truncated)
+    with pytest.raises(P.CheckpointError, match=r"truncated.pth: cannot read this checkpoint") as e:
+        P.read_state_dict(truncated)
     assert "\n" not in str(e.value)
     from safetensors.torch import save_file
     save_file({"w": torch.zeros(100)}, str(tmp_path / "model.safetensors"))
     whole = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(whole[:len(whole) - 10])
-    with pytest.raises(M.CheckpointError, match="model.safetensors: cannot read"):
-        M.read_state_dict(str(tmp_path / "model.safetensors"))
+    with pytest.raises(P.CheckpointError, match="model.safetensors: cannot read"):
+        P.read_state_dict(str(tmp_path / "model.safetensors"))
 
 
 def test_sample_on_a_truncated_checkpoint_prints_one_line(truncated, tmp_path):

@@ -491,7 +491,7 @@ def test_evaluation_captions_each_clip_once_against_all_its_references(clips, tm
     val_set = data.AVCaptionDataset(ann, clips, media, by_clip=True)
     assert [r["id"] for r in val_set.records] == ["val_00024", "val_00025"]
 
-    tokenizer = M.Tokenizer.train([r["caption"] for r in train_set.records], 100)
+    tokenizer = data.Tokenizer.train([r["caption"] for r in train_set.records], 100)
     net = M.UniQ4Cap(tokenizer.configure(M.tiny_config()))
     generated, scored = [], {}
     generate = net.generate
