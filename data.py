@@ -137,10 +137,26 @@ def _read_short(path, container, stream, num_frames):
     return torch.from_numpy(np.stack([_rgb(decoded[i]) for i in picks]))
 
 
+def read_video_frames_decode_all(path, num_frames):
+    """The reference: decode and convert every frame, then pick the uniformly spaced ones.
+    `read_video_frames` below returns the same frames, faster; this plain version is kept
+    as its spec, its test oracle and bench.py's baseline."""
+    container = open_media(path)
+    try:
+        frames = [_rgb(f) for f in container.decode(video=0)]
+    except av.FFmpegError as e:
+        raise MediaError(path, f"decoding failed ({type(e).__name__})") from None
+    finally:
+        container.close()
+    if not frames:
+        raise MediaError(path, "no video frames")
+    return torch.from_numpy(np.stack([frames[i] for i in uniform_indices(len(frames), num_frames)]))
+
+
 def read_video_frames(path, num_frames):
-    """uint8 (T, H, W, 3) at uniformly spaced frame indices. Only the chosen frames are
-    converted to RGB; when the next wanted frame lies past a later key frame the decoder
-    seeks there instead of decoding everything in between."""
+    """uint8 (T, H, W, 3) at uniformly spaced frame indices, as read_video_frames_decode_all.
+    Only the chosen frames are converted to RGB; when the next wanted frame lies past a later
+    key frame the decoder seeks there instead of decoding everything in between."""
     container = open_media(path)
     try:
         why = not_a_video(container)
@@ -206,21 +222,6 @@ def _read_in_order(path, wanted):
     if targets:
         raise MediaError(path, "frames missing at the end")
     return torch.from_numpy(np.stack([frames[t] for t in wanted]))
-
-
-def read_video_frames_decode_all(path, num_frames):
-    """The simple way, kept as the benchmark's baseline: decode and convert every frame,
-    then pick."""
-    container = open_media(path)
-    try:
-        frames = [_rgb(f) for f in container.decode(video=0)]
-    except av.FFmpegError as e:
-        raise MediaError(path, f"decoding failed ({type(e).__name__})") from None
-    finally:
-        container.close()
-    if not frames:
-        raise MediaError(path, "no video frames")
-    return torch.from_numpy(np.stack([frames[i] for i in uniform_indices(len(frames), num_frames)]))
 
 
 def audio_source(path):
@@ -808,9 +809,7 @@ BACKGROUND_PHRASE = {"rain": "rain in the background", "hum": "a hum in the back
 CLIP_SECONDS, FPS, SIZE = 2.0, 8, 64
 EVENT_SLOTS = 8  # = the tiny preset's frames: frame t of the 8 sampled lies in slot t
 EVENT_LIT = 3  # lit slots per clip: C(8, 3) = 56 patterns, and 5 quiet slots for the background
-# Bumped whenever the clips change, so a copy made by older code is rebuilt, never mixed:
-# 1 had no events and 4 frames' worth of slots; 2 adds the flash/crackle events (2 to 6 lit
-# slots, 238 patterns); 3 lights exactly EVENT_LIT slots.
+# Bumped whenever the clips change, so a copy made by older code is rebuilt, never mixed
 DATASET_VERSION = 3
 DEFAULT_EMBEDDED_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "embedded")
 SPLITS = {"train": 2400, "val": 300, "test": 300}

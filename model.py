@@ -292,7 +292,8 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
         self.embeddings = CLIPEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)  # sic, official name
-        self.encoder = nn.ModuleDict({"layers": nn.ModuleList([CLIPLayer(cfg) for _ in range(cfg.layers)])})  # key path encoder.layers.N
+        # a container only, for the checkpoints' key path encoder.layers.N
+        self.encoder = nn.ModuleDict({"layers": nn.ModuleList([CLIPLayer(cfg) for _ in range(cfg.layers)])})
         self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         # stage 1's projection into the shared space (LanguageBind's `visual_projection`)
         self.visual_projection = nn.Linear(cfg.width, cfg.embed_dim, bias=False)
@@ -319,7 +320,7 @@ class VisionTransformer(nn.Module):
         B = pixels.size(0)
         x = self.embeddings(pixels)  # (B*T, 1+N, D)
         T = x.size(0) // B  # frames per clip; 1 for audio
-        if self.training:  # the one switch: the tower's mode (UniQ4Cap.train decides it for frozen towers)
+        if self.training:  # patch dropout's one switch: the tower's mode (UniQ4Cap.train sets a frozen one's)
             x = self.drop_patches(x, B, T)
         x = self.pre_layrnorm(x)
         for layer in self.encoder.layers:

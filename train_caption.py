@@ -149,6 +149,8 @@ def get_args(argv=None):
         off = "cache_features" if "frozen_patch_dropout" in args.recipe_given else "frozen_patch_dropout"
         setattr(args, off, False)
         args.recipe_reasons[off] = GIVES_WAY[off]
+    elif args.cache_features and "frozen_patch_dropout" not in args.recipe_given:
+        args.recipe_reasons["frozen_patch_dropout"] = GIVES_WAY["frozen_patch_dropout"]  # off, and a cache could not keep it
     return args
 
 

@@ -132,8 +132,8 @@ def describe_recipe(args, recipe, given, reasons, reference="full"):
 
 
 def add_decoding_args(p):
-    """The decoding flags of sample.py and of train_caption.py's evaluation (model.generate).
-    Lengths count tokens as HF's generate does, the [DEC] start token included. The original's
+    """The decoding flags of sample.py and of train_caption.py's evaluation, passed as they are
+    to model.UniQ4Cap.generate (lengths count the [DEC] start token, as there). The original's
     evaluation decoding is --decode sample --top-p 0.9 --top-k 50 --min-length 10 --max-length 30.
     check_decoding_args validates them once parsed."""
     p.add_argument("--decode", default="greedy", choices=["greedy", "beam", "sample"], help="decoding method")
