@@ -1,5 +1,5 @@
-"""The training losses, each written out: BLIP-2's caption loss (stage 2) and the two contrastive
-losses of the paper's stage-1 alignment.
+"""The training losses, each written out: BLIP-2's caption loss (stage 2), the two contrastive
+losses of the paper's stage-1 alignment, and BLIP-2's retrieval objectives (stage 2, optional).
 
   caption_loss      next-token cross-entropy over caption tokens, label smoothing, padding
                     ignored (stage 2).
@@ -7,7 +7,11 @@ losses of the paper's stage-1 alignment.
                     batch (stage 1, clip level).
   mil_nce_loss      MIL-NCE (Miech et al., 2020): an anchor's positive is a bag of embeddings
                     (a video's frames, an audio's chunks) (stage 1, granularity).
-  LogitScale        the learnable log-temperature both contrastive losses share.
+  LogitScale        the learnable log-temperature both stage-1 losses share.
+  itc_loss          BLIP-2's clip-text contrastive loss: best query against the text, soft
+                    targets over duplicate pairs.
+  hard_negatives    ITM's negatives, drawn from the contrastive similarities of the global batch.
+  itm_loss          the matching head's 2-class cross-entropy.
   gather_with_grad  the global batch across ranks, differentiable.
 
 Multi-process convention. Each rank scores its own B rows against all world*B gathered
@@ -38,12 +42,25 @@ def caption_loss(logits, targets, label_smoothing=0.1, ignore_index=IGNORE_INDEX
                            ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
+def next_token_loss(logits, captions, caption_mask, label_smoothing=0.1):
+    """caption_loss of logits (B, T, V) over captions (B, T) themselves: position t predicts
+    token t+1; padding (caption_mask False) and the last position are ignored."""
+    targets = captions[:, 1:].clone()  # (B, T-1)
+    if caption_mask is not None:
+        targets[~caption_mask[:, 1:].bool()] = IGNORE_INDEX
+    return caption_loss(logits[:, :-1], targets, label_smoothing)
+
+
 # -----------------------------------------------------------------------------
 # The global batch across ranks
 
 
 def _distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size():
+    return dist.get_world_size() if _distributed() else 1
 
 
 def rank_offset(batch):
@@ -168,3 +185,56 @@ def mil_nce_loss(anchors, bags, bag_mask, scale):
         positive = torch.logsumexp(scores.masked_fill(~own_bag, float("-inf")), dim=1)  # (B,)
         everything = torch.logsumexp(scores, dim=1)  # (B,)
         return (everything - positive).mean()
+
+
+# -----------------------------------------------------------------------------
+# Retrieval losses: BLIP-2's image-text contrastive (ITC) and matching (ITM) objectives, as
+# LAVIS's `Blip2Qformer.forward` computes them (lavis/models/blip2_models/blip2_qformer.py),
+# with clips in place of images
+
+
+def itc_loss(clip_feats, text_feats, temp, pair_keys, label_smoothing=0.1):
+    """clip_feats (B, Q, E): every query's feature; text_feats (B, E); both L2-normalised,
+    row i of each from pair i of this rank. A clip scores a text by its best query, divided
+    by temp. pair_keys (B, K) int64: pairs that share any key (the same clip, the same caption
+    text) are positives of each other, so a duplicate is never pushed away as a negative.
+    Targets: uniform over a row's positives in the global batch, smoothed as LAVIS does with
+    clip ids (0.9 of it plus 0.1 spread over every column). Loss: the mean of the two
+    directions' cross-entropies over this rank's rows. Returns (loss, sim_c2t (B, G),
+    sim_t2c (B, G), positives (B, G)), G the global batch, for hard_negatives."""
+    with torch.autocast(clip_feats.device.type, enabled=False):  # full precision, as in nce_loss
+        clip_feats, text_feats, temp = clip_feats.float(), text_feats.float(), temp.float()
+        all_clips, all_texts = gather_with_grad(clip_feats), gather_with_grad(text_feats)  # (G, Q, E), (G, E)
+        positives = (pair_keys[:, None, :] == gather(pair_keys)[None, :, :]).any(dim=-1)  # (B, G)
+        sim_c2t = torch.einsum("bqe,ge->bgq", clip_feats, all_texts).amax(dim=-1) / temp  # (B, G)
+        sim_t2c = torch.einsum("be,gqe->bgq", text_feats, all_clips).amax(dim=-1) / temp  # (B, G)
+        targets = positives.float() / positives.sum(dim=1, keepdim=True)
+        targets = (1 - label_smoothing) * targets + label_smoothing / targets.size(1)
+        loss = -0.5 * ((F.log_softmax(sim_c2t, dim=1) * targets).sum(dim=1).mean()
+                       + (F.log_softmax(sim_t2c, dim=1) * targets).sum(dim=1).mean())
+    return loss, sim_c2t, sim_t2c, positives
+
+
+@torch.no_grad()
+def hard_negatives(sim_c2t, sim_t2c, positives, generator):
+    """ITM's negatives, drawn from the whole global batch: for every pair j, a text for its
+    clip and a clip for its text, with probability softmax(sim) over the non-positives
+    (positives set to -10000, as LAVIS). Every rank draws the same numbers for all G pairs
+    from `generator` (seeded alike on every rank) and keeps its own rows, so two ranks draw
+    what one process does on the same global batch. Returns, for this rank's B pairs, the
+    global indices (neg_text, neg_clip), each (B,), and whether each drawn pair is in truth
+    a positive (a row with no negative at all can only draw one): (B,) bools for each."""
+    sim_c2t, sim_t2c, positives = gather(sim_c2t), gather(sim_t2c), gather(positives)  # (G, G)
+    weights_c2t = F.softmax(sim_c2t.float().masked_fill(positives, -10000), dim=1).cpu()
+    weights_t2c = F.softmax(sim_t2c.float().masked_fill(positives, -10000), dim=1).cpu()
+    neg_text = torch.multinomial(weights_c2t, 1, generator=generator)[:, 0].to(positives.device)  # (G,)
+    neg_clip = torch.multinomial(weights_t2c, 1, generator=generator)[:, 0].to(positives.device)  # (G,)
+    rows = torch.arange(sim_c2t.size(0), device=positives.device)
+    B = sim_c2t.size(0) // world_size()
+    mine = slice(rank_offset(B), rank_offset(B) + B)
+    return (neg_text[mine], neg_clip[mine], positives[rows, neg_text][mine], positives[neg_clip, rows][mine])
+
+
+def itm_loss(logits, pair_is_positive):
+    """logits (N, 2) of the matching head; pair_is_positive (N,) bools. 2-class cross-entropy."""
+    return F.cross_entropy(logits.float(), pair_is_positive.long())

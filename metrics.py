@@ -66,10 +66,26 @@ def caption_metrics(references, predictions, use_java=None, meteor=True):
     return {k: float(v) if not isinstance(v, str) else v for k, v in out.items()}
 
 
+def retrieval_ranks(scores, relevant):
+    """scores (N, M) of N queries against M candidates; relevant (N, M) bool, at least one
+    True per row. Returns (N,) the 1-based rank of each query's best-scored relevant
+    candidate (ties count in its favour)."""
+    best = scores.masked_fill(~relevant, float("-inf")).amax(dim=1)  # (N,)
+    return (scores > best[:, None]).sum(dim=1) + 1  # 1 + how many candidates beat it
+
+
+def recall_summary(ranks, ks=(1, 5, 10)):
+    """{"R@k": fraction of queries ranked k or better, "median rank", "mean rank"}."""
+    out = {f"R@{k}": (ranks <= k).float().mean().item() for k in ks}
+    out["median rank"] = ranks.float().quantile(0.5).item()
+    out["mean rank"] = ranks.float().mean().item()
+    return out
+
+
 def retrieval_recall(sim, ks=(1, 5, 10)):
     """sim (N, N): row i's true match is column i. Returns {"R@k": fraction} for rows as queries."""
-    ranks = (sim > sim.diag()[:, None]).sum(dim=1)  # how many candidates beat the true one
-    return {f"R@{k}": (ranks < k).float().mean().item() for k in ks}
+    ranks = retrieval_ranks(sim, torch.eye(sim.size(0), dtype=torch.bool, device=sim.device))
+    return {f"R@{k}": (ranks <= k).float().mean().item() for k in ks}
 
 
 def top1_shares(sim, labels):

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from losses import IGNORE_INDEX, caption_loss
+from losses import next_token_loss
 
 # -----------------------------------------------------------------------------
 # 1. Configs and presets
@@ -428,6 +428,16 @@ class BertLayer(nn.Module):
         x = self.output(self.intermediate(x), x)
         return x, kv
 
+    def forward_joint(self, x, Q, memory, memory_mask, mask):
+        """x (B, Q+T, C): queries, then text, in one self-attention; then each its own way."""
+        x, _ = self.attention(x, mask=mask)
+        queries, text = x[:, :Q], x[:, Q:]
+        if self.has_cross:
+            queries, _ = self.crossattention(queries, memory, memory_mask)
+        queries = self.output_query(self.intermediate_query(queries), queries)
+        text = self.output(self.intermediate(text), text)
+        return torch.cat([queries, text], dim=1)
+
 
 class BertEmbeddings(nn.Module):
     """Word + position embeddings for text; queries skip both but share the LayerNorm.
@@ -492,13 +502,15 @@ class QFormer(nn.Module):
                 [BertLayer(cfg, i % cfg.cross_attention_freq == 0) for i in range(cfg.layers)])})})
         self.cls = nn.ModuleDict({"predictions": LMPredictions(cfg, self.bert.embeddings.word_embeddings)})
 
-    def read_memory(self, queries, memory, memory_mask=None):
+    def read_memory(self, queries, memory, memory_mask=None, outputs=False):
         """queries (1, Q, C), the same for every clip; memory (B, M, W); memory_mask (B, M)
         bool, True = present. Returns what the text reads: per layer, the queries'
         self-attention (k, v), each (B, H, Q, d). The text at layer l reads keys and values
         computed from layer l's *input*, so the last layer's query outputs reach nothing: of
         that layer only the queries' key and value projections run (LAVIS computes the rest
-        and discards it)."""
+        and discards it). outputs=True runs the last layer whole and returns (cache, the
+        queries' final outputs (B, Q, C)): what retrieval reads (LAVIS's
+        `query_output.last_hidden_state`)."""
         x = self.bert.embeddings(queries=queries.expand(memory.size(0), -1, -1))  # (B, Q, C)
         mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, M)
         *body, last = self.bert.encoder.layer
@@ -506,8 +518,11 @@ class QFormer(nn.Module):
         for layer in body:
             x, kv = layer.forward_queries(x, memory, mask)
             cache.append(kv)
-        cache.append(last.attention.keys_values(x))
-        return cache
+        if not outputs:
+            cache.append(last.attention.keys_values(x))
+            return cache
+        x, kv = last.forward_queries(x, memory, mask)
+        return cache + [kv], x
 
     def decode_text(self, input_ids, cache, text_mask=None):
         """input_ids (B, T) are the text tokens after those already in `cache`. `cache` holds,
@@ -531,6 +546,30 @@ class QFormer(nn.Module):
             x, kv = layer.forward_text(x, past, mask)
             new_cache.append(kv)
         return self.cls.predictions(x), new_cache
+
+    def encode_text(self, input_ids, text_mask):
+        """BLIP-2's text-only pass (ITC's text side, `self.Qformer.bert(text_ids)` in LAVIS):
+        the text alone, each token seeing every real one; input_ids (B, T) start with [CLS].
+        Returns (B, T, C)."""
+        x = self.bert.embeddings(input_ids)
+        mask = text_mask[:, None, None, :].bool()  # (B, 1, 1, T)
+        for layer in self.bert.encoder.layer:
+            x, _ = layer.forward_text(x, None, mask)
+        return x
+
+    def read_jointly(self, queries, memory, memory_mask, input_ids, text_mask):
+        """BLIP-2's matching pass (ITM, `self.Qformer.bert(text_ids, query_embeds=...,
+        encoder_hidden_states=...)` in LAVIS): queries and text in one self-attention where
+        each sees every query and every real text token; the queries also read the memory.
+        input_ids (B, T) start with [CLS]. Returns the queries' outputs (B, Q, C)."""
+        B, Q = input_ids.size(0), queries.size(1)
+        x = torch.cat([self.bert.embeddings(queries=queries.expand(B, -1, -1)), self.bert.embeddings(input_ids)],
+                      dim=1)  # (B, Q+T, C)
+        visible = torch.cat([text_mask.new_ones(B, Q), text_mask], dim=1).bool()[:, None, None, :]  # (B, 1, 1, Q+T)
+        memory_mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, M)
+        for layer in self.bert.encoder.layer:
+            x = layer.forward_joint(x, Q, memory, memory_mask, visible)
+        return x[:, :Q]
 
 
 # -----------------------------------------------------------------------------
@@ -616,11 +655,7 @@ class UniQ4Cap(nn.Module):
         memory, memory_mask = self.memory(video_tokens, audio_tokens, video_mask, audio_mask)
         query_kv = self.Qformer.read_memory(self.query_tokens, memory, memory_mask)
         logits, _ = self.Qformer.decode_text(captions, query_kv, caption_mask)
-        targets = captions[:, 1:].clone()  # (B, T-1)
-        if caption_mask is not None:
-            targets[~caption_mask[:, 1:].bool()] = IGNORE_INDEX
-        loss = caption_loss(logits[:, :-1], targets, self.cfg.label_smoothing)
-        return logits, loss
+        return logits, next_token_loss(logits, captions, caption_mask, self.cfg.label_smoothing)
 
     @torch.no_grad()
     def generate(self, video=None, audio=None, video_mask=None, audio_mask=None, *,
@@ -646,6 +681,25 @@ class UniQ4Cap(nn.Module):
         if method == "beam":
             return beam_search(step, num_beams, max_length, length_penalty, num_captions)
         return greedy_or_sample(step, max_length, method == "sample", top_k, top_p, temperature)
+
+    # -- retrieval: BLIP-2's contrastive (ITC) and matching (ITM) heads on the same memory --
+
+    def clip_features(self, query_outputs):
+        """ITC's clip side: every query's final output (B, Q, C), from
+        `Qformer.read_memory(..., outputs=True)`, through vision_proj, unit length: (B, Q,
+        proj_dim). A clip scores a text by its best query."""
+        return F.normalize(self.vision_proj(query_outputs), dim=-1)
+
+    def text_features(self, cls_ids, text_mask):
+        """ITC's text side: the text-only pass's [CLS] output through text_proj, unit length:
+        (B, proj_dim). cls_ids: the caption's ids with [CLS] in place of [DEC], as BLIP-2."""
+        return F.normalize(self.text_proj(self.Qformer.encode_text(cls_ids, text_mask)[:, 0]), dim=-1)
+
+    def match_logits(self, memory, memory_mask, cls_ids, text_mask):
+        """ITM: itm_head on every query of the joint pass, averaged over the queries: (B, 2),
+        class 1 = the text belongs to the clip."""
+        queries = self.Qformer.read_jointly(self.query_tokens, memory, memory_mask, cls_ids, text_mask)
+        return self.itm_head(queries).mean(dim=1)
 
     # -- plumbing: the frozen towers (feature cache, DDP), patch dropout, initialisation ----
 
@@ -692,8 +746,8 @@ class UniQ4Cap(nn.Module):
 
     def unreachable_parameters(self):
         """Parameters no caption depends on: BLIP-2's retrieval and matching heads, and the
-        last Q-Former layer's query path (QFormer.read_memory). The last layer's
-        self-attention stays: the text runs through it."""
+        last Q-Former layer's query path (QFormer.read_memory), which only retrieval reads.
+        The last layer's self-attention stays: the text runs through it."""
         last = self.Qformer.bert.encoder.layer[-1]
         parts = [self.vision_proj, self.text_proj, self.itm_head, last.intermediate_query, last.output_query]
         if last.has_cross:
@@ -713,6 +767,14 @@ class UniQ4Cap(nn.Module):
             nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
         for p in self.unreachable_parameters():
             p.requires_grad_(False)
+
+    def train_retrieval_heads(self, matching=True):
+        """Retrieval training reaches what captioning cannot: unfreeze it (itm_head only when
+        the matching loss trains it)."""
+        for p in self.unreachable_parameters():
+            p.requires_grad_(True)
+        self.itm_head.requires_grad_(matching)
+        return self
 
     def num_params(self, trainable_only=False):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

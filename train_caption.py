@@ -46,12 +46,15 @@ import os
 from dataclasses import asdict
 
 import torch
+import torch.nn as nn
 
 import cache
 import data
+import losses
 import metrics
 import model as M
 import pretrained as P
+import retrieve
 import train_align
 import training as T
 
@@ -130,6 +133,15 @@ def get_args(argv=None):
                         "audio chunks, no patch dropout) and train and evaluate from their fp16 outputs on disk "
                         "(cache.py) (default: " + T.per_preset(RECIPE["cache_features"]) + ")")
     p.add_argument("--cache-dir", default="out/cache", help="where --cache-features keeps the encoder outputs")
+    p.add_argument("--itc-weight", type=float, default=0.0,
+                   help="weight of BLIP-2's clip-text contrastive loss (ITC) beside the caption loss; with it or "
+                        "--itm-weight above 0 the retrieval heads and the last layer's query path train too "
+                        "(default 0: captioning only, as the paper)")
+    p.add_argument("--itm-weight", type=float, default=0.0,
+                   help="weight of BLIP-2's clip-text matching loss (ITM), on hard negatives drawn from the ITC "
+                        "similarities of the global batch (default 0)")
+    p.add_argument("--rerank-k", type=int, default=16,
+                   help="with retrieval trained, evaluation re-ranks each query's top k candidates by ITM")
     p.add_argument("--out-dir", default="out/caption", help="checkpoints and metrics")
     T.add_data_args(p)
     T.add_decoding_args(p)
@@ -238,10 +250,70 @@ def hide_modalities(batch, p, seed):
     return batch
 
 
+def hash64(*key):
+    """A 64-bit integer, uniformly spread, that is a pure function of `key`."""
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little")
+
+
 def uniform_hash(*key):
     """A number in [0, 1), uniformly spread, that is a pure function of `key`."""
-    digest = hashlib.sha256(repr(key).encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2 ** 64
+    return hash64(*key) / 2 ** 64
+
+
+def pair_keys(batch):
+    """(B, 2) int64 for ITC: a key for each pair's clip and one for its caption text, so pairs
+    that share either count as positives of each other."""
+    return torch.tensor([[hash64("clip", i) >> 1, hash64("caption", c) >> 1]
+                         for i, c in zip(batch["ids"], batch["captions"])])
+
+
+class CaptionAndRetrieval(nn.Module):
+    """Stage 2 with BLIP-2's retrieval objectives on the joint memory, combined as LAVIS's
+    `Blip2Qformer.forward` does (lavis/models/blip2_models/blip2_qformer.py): the caption loss
+    + itc_weight * ITC + itm_weight * ITM. One query pass serves all three: its keys and values
+    feed the caption, its outputs the contrastive features. This is the module DDP wraps, so
+    every pass runs inside its forward. cls_id: the tokenizer's [CLS], which starts BLIP-2's
+    retrieval text where the caption has [DEC]; seed: the negatives' draws start from it."""
+
+    def __init__(self, net, itc_weight, itm_weight, cls_id, seed):
+        super().__init__()
+        self.net = net.train_retrieval_heads(matching=itm_weight > 0)
+        self.itc_weight, self.itm_weight, self.cls_id, self.seed = itc_weight, itm_weight, cls_id, seed
+
+    def forward(self, captions, caption_mask, pair_keys, video=None, audio=None, video_mask=None, audio_mask=None,
+                video_tokens=None, audio_tokens=None):
+        net = self.net
+        memory, memory_mask = net.memory(*net.encode(video, audio, video_tokens, audio_tokens), video_mask, audio_mask)
+        cache, queries = net.Qformer.read_memory(net.query_tokens, memory, memory_mask, outputs=True)
+        logits, _ = net.Qformer.decode_text(captions, cache, caption_mask)
+        lm = losses.next_token_loss(logits, captions, caption_mask, net.cfg.label_smoothing)
+        with torch.no_grad():
+            net.temp.clamp_(0.001, 0.5)  # as LAVIS
+        # the retrieval text: [CLS] where the caption has [DEC], padded to one length so ranks can exchange it
+        B, pad = captions.size(0), net.cfg.max_text_len - captions.size(1)
+        cls_ids = torch.cat([captions, captions.new_full((B, pad), net.cfg.qformer.pad_token_id)], dim=1)
+        cls_ids[:, 0] = self.cls_id
+        text_mask = torch.cat([caption_mask.bool(), caption_mask.new_zeros(B, pad, dtype=torch.bool)], dim=1)
+        itc, sim_c2t, sim_t2c, positives = losses.itc_loss(
+            net.clip_features(queries), net.text_features(cls_ids, text_mask), net.temp, pair_keys)
+        loss, logged = lm + self.itc_weight * itc, {"lm": lm.item(), "itc": itc.item()}
+        if self.itm_weight:
+            # the same draws on every rank: seeded by the global batch's keys, not by a rank's generator
+            generator = torch.Generator().manual_seed((self.seed + int(losses.gather(pair_keys).sum())) % 2 ** 63)
+            neg_text, neg_clip, text_is_pos, clip_is_pos = losses.hard_negatives(sim_c2t, sim_t2c, positives, generator)
+            if memory_mask is None:
+                memory_mask = torch.ones(memory.shape[:2], dtype=torch.bool, device=memory.device)
+            all_memory, all_memory_mask = losses.gather_with_grad(memory), losses.gather(memory_mask)
+            all_ids, all_text_mask = losses.gather(cls_ids), losses.gather(text_mask)
+            # 3B pairs, as LAVIS: (clip, its text), (a negative clip, the text), (the clip, a negative text)
+            logits = net.match_logits(torch.cat([memory, all_memory[neg_clip], memory]),
+                                      torch.cat([memory_mask, all_memory_mask[neg_clip], memory_mask]),
+                                      torch.cat([cls_ids, cls_ids, all_ids[neg_text]]),
+                                      torch.cat([text_mask, text_mask, all_text_mask[neg_text]]))
+            labels = torch.cat([torch.ones_like(clip_is_pos), clip_is_pos, text_is_pos])
+            itm = losses.itm_loss(logits, labels)
+            loss, logged["itm"] = loss + self.itm_weight * itm, itm.item()
+        return loss, logged
 
 
 @torch.no_grad()
@@ -278,6 +350,10 @@ def evaluate(net, dataset, references, tokenizer, device, ctx, args, limit=0, me
                                                        data.parse_attributes)
     out["clips"], out["skipped"] = len(records), skipped
     out["references"] = sum(len(references[k]) for k in preds)
+    if args.itc_weight > 0 or args.itm_weight > 0:
+        out["retrieval"] = retrieve.evaluate(net, torch.utils.data.Subset(dataset, range(n)), references, tokenizer,
+                                             device, ctx, args.batch_size, args.cache_features, args.rerank_k,
+                                             args.num_workers)
     out["examples"] = {k: preds[k] for k in list(preds)[:3]}
     net.train(was_training)
     return out
@@ -423,7 +499,9 @@ def main(argv=None):
     args.num_workers = T.loader_workers(args, args.cache_features, device)  # training's and evaluation's loaders
     # optimiser: no find_unused_parameters under DDP, since every trained parameter gets a
     # gradient on every rank (UniQ4Cap.unreachable_parameters, UniQ4Cap.memory)
-    model = T.training_handle(net, args.compile, ddp, device)
+    retrieval = args.itc_weight > 0 or args.itm_weight > 0
+    objective = CaptionAndRetrieval(net, args.itc_weight, args.itm_weight, tokenizer.cls_id, args.seed) if retrieval else net
+    model = T.training_handle(objective, args.compile, ddp, device)
     optimizer = T.make_optimizer(net, args.lr, args.weight_decay, device_type=device.type)
     step, position, extras = T.resume_training(resumed, args.resume, lambda sd: P.map_stage2(net, sd, args.resume),
                                                optimizer)
@@ -436,10 +514,9 @@ def main(argv=None):
     def loss_fn(batch):
         batch = hide_modalities(batch, args.modality_dropout, args.seed)
         ids, mask = tokenizer.encode(batch["captions"], cfg.max_text_len)
+        inputs = dict(captions=ids.to(device), caption_mask=mask.to(device), **T.model_inputs(batch, device, args.cache_features))
         with ctx:
-            _, loss = model(captions=ids.to(device), caption_mask=mask.to(device),
-                            **T.model_inputs(batch, device, args.cache_features))
-        return loss, {}
+            return model(pair_keys=pair_keys(batch).to(device), **inputs) if retrieval else (model(**inputs)[1], {})
 
     def validate_and_save(step, bar):
         nonlocal best
@@ -485,6 +562,9 @@ def fmt(s):
     text = ", ".join(f"{k} {s[k]:.3f}" for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if k in s)
     if "attributes" in s:
         text += " | " + ", ".join(f"{k} {v:.2f}" for k, v in s["attributes"].items())
+    if "retrieval" in s:
+        text += " | R@1 " + ", ".join(f"{d} {s['retrieval'][f'{d} {m} R@1']:.3f} ({m})"
+                                      for d in ("text->clip", "clip->text") for m in ("ITC", "ITM"))
     return text
 
 

@@ -148,6 +148,63 @@ def test_caption_loss_is_label_smoothed_cross_entropy_averaged_over_kept_positio
     assert got == pytest.approx(total / count, rel=1e-5)
 
 
+def retrieval_batch(B=6, Q=3, E=8, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return unit(B, Q, E, generator=g), unit(B, E, generator=g)
+
+
+def test_itc_with_distinct_pairs_is_lavis_label_smoothed_cross_entropy_both_ways():
+    """Without duplicates, BLIP-2's ITC: a clip scores a text by its best query, /temp, then
+    cross_entropy(..., label_smoothing=0.1) against the diagonal, averaged over both ways."""
+    clips, texts = retrieval_batch()
+    temp = torch.tensor(0.07)
+    keys = torch.arange(6)[:, None].repeat(1, 2)  # every pair its own clip and caption
+    loss, sim_c2t, sim_t2c, positives = losses.itc_loss(clips, texts, temp, keys)
+    best = torch.tensor([[max(dot(q, t) for q in clip.tolist()) for t in texts.tolist()] for clip in clips])
+    torch.testing.assert_close(sim_c2t, best / temp)
+    torch.testing.assert_close(sim_t2c, best.t() / temp)
+    labels = torch.arange(6)
+    expected = 0.5 * (F.cross_entropy(best / temp, labels, label_smoothing=0.1)
+                      + F.cross_entropy(best.t() / temp, labels, label_smoothing=0.1))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.equal(positives, torch.eye(6, dtype=torch.bool))
+
+
+def test_itc_counts_pairs_of_one_clip_or_one_caption_as_positives():
+    """Pairs 0 and 1 are one clip; pairs 2 and 3 share a caption: neither pushes the other away."""
+    clips, texts = retrieval_batch()
+    keys = torch.tensor([[0, 10], [0, 11], [2, 12], [3, 12], [4, 14], [5, 15]])
+    loss, sim_c2t, sim_t2c, positives = losses.itc_loss(clips, texts, torch.tensor(0.1), keys)
+    expected_pos = torch.eye(6, dtype=torch.bool)
+    expected_pos[0, 1] = expected_pos[1, 0] = expected_pos[2, 3] = expected_pos[3, 2] = True
+    assert torch.equal(positives, expected_pos)
+    targets = expected_pos.float() / expected_pos.float().sum(1, keepdim=True)
+    targets = 0.9 * targets + 0.1 / 6
+    expected = 0.5 * (-(F.log_softmax(sim_c2t, 1) * targets).sum(1).mean()
+                      - (F.log_softmax(sim_t2c, 1) * targets).sum(1).mean())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_hard_negatives_are_never_positives_when_a_negative_exists():
+    clips, texts = retrieval_batch(B=8)
+    keys = torch.tensor([[0, 0], [0, 1], [2, 2], [3, 2], [4, 4], [5, 5], [6, 6], [7, 7]])
+    _, sim_c2t, sim_t2c, positives = losses.itc_loss(clips, texts, torch.tensor(0.07), keys)
+    for seed in range(20):
+        neg_text, neg_clip, text_is_pos, clip_is_pos = losses.hard_negatives(
+            sim_c2t, sim_t2c, positives, torch.Generator().manual_seed(seed))
+        assert not positives[torch.arange(8), neg_text].any() and not positives[neg_clip, torch.arange(8)].any()
+        assert not text_is_pos.any() and not clip_is_pos.any()
+
+
+def test_a_batch_of_one_caption_has_no_negative_and_says_so():
+    """Every pair shares the caption: the draw can only land on a positive, and is labelled one."""
+    clips, texts = retrieval_batch(B=4)
+    keys = torch.tensor([[0, 9], [1, 9], [2, 9], [3, 9]])
+    _, sim_c2t, sim_t2c, positives = losses.itc_loss(clips, texts, torch.tensor(0.07), keys)
+    _, _, text_is_pos, clip_is_pos = losses.hard_negatives(sim_c2t, sim_t2c, positives, torch.Generator())
+    assert text_is_pos.all() and clip_is_pos.all()
+
+
 def test_logit_scale_starts_at_one_over_0_07():
     t = losses.LogitScale()
     assert t.log_scale.item() == pytest.approx(math.log(1 / 0.07))
