@@ -216,23 +216,29 @@ def itc_loss(clip_feats, text_feats, temp, pair_keys, label_smoothing=0.1):
 
 
 @torch.no_grad()
-def hard_negatives(sim_c2t, sim_t2c, positives, generator):
-    """ITM's negatives, drawn from the whole global batch: for every pair j, a text for its
-    clip and a clip for its text, with probability softmax(sim) over the non-positives
-    (positives set to -10000, as LAVIS). Every rank draws the same numbers for all G pairs
-    from `generator` (seeded alike on every rank) and keeps its own rows, so two ranks draw
-    what one process does on the same global batch. Returns, for this rank's B pairs, the
-    global indices (neg_text, neg_clip), each (B,), and whether each drawn pair is in truth
-    a positive (a row with no negative at all can only draw one): (B,) bools for each."""
-    sim_c2t, sim_t2c, positives = gather(sim_c2t), gather(sim_t2c), gather(positives)  # (G, G)
-    weights_c2t = F.softmax(sim_c2t.float().masked_fill(positives, -10000), dim=1).cpu()
-    weights_t2c = F.softmax(sim_t2c.float().masked_fill(positives, -10000), dim=1).cpu()
-    neg_text = torch.multinomial(weights_c2t, 1, generator=generator)[:, 0].to(positives.device)  # (G,)
-    neg_clip = torch.multinomial(weights_t2c, 1, generator=generator)[:, 0].to(positives.device)  # (G,)
-    rows = torch.arange(sim_c2t.size(0), device=positives.device)
-    B = sim_c2t.size(0) // world_size()
-    mine = slice(rank_offset(B), rank_offset(B) + B)
-    return (neg_text[mine], neg_clip[mine], positives[rows, neg_text][mine], positives[neg_clip, rows][mine])
+def hard_negatives(sim_c2t, sim_t2c, positives, pair_keys, generator):
+    """ITM's negatives, drawn from the whole global batch: for every pair, a text for its clip
+    and a clip for its text, with probability softmax(sim) over the non-positives (positives
+    set to -10000, as LAVIS). sim_*, positives: (B, G) from itc_loss; pair_keys (B, K) as
+    there. Every rank draws for all G pairs, from `generator` seeded alike on every rank and
+    with the pairs in one order fixed by their keys, and keeps its own rows: two ranks draw
+    what one process does on the same global batch, however the sampler spread it over the
+    ranks. Returns, for this rank's pairs, the global indices (neg_text, neg_clip), each (B,),
+    and whether each drawn pair is in truth a positive (a row with no negative can only draw
+    one): (B,) bools each."""
+    sim_c2t, sim_t2c, positives, keys = gather(sim_c2t), gather(sim_t2c), gather(positives), gather(pair_keys)
+    order = torch.arange(keys.size(0), device=keys.device)
+    for k in reversed(range(keys.size(1))):  # sorted by the first key, then the next: one order on every rank
+        order = order[keys[order, k].argsort(stable=True)]
+    drawn = []
+    for sim in (sim_c2t, sim_t2c):
+        weights = F.softmax(sim.float().masked_fill(positives, -10000), dim=1)[order][:, order].cpu()  # (G, G)
+        pick = torch.multinomial(weights, 1, generator=generator)[:, 0].to(order.device)  # in `order`'s terms
+        drawn.append(order[pick][order.argsort()])  # back to the gathered batch's rows and columns
+    neg_text, neg_clip = drawn
+    rows = torch.arange(keys.size(0), device=keys.device)
+    mine = slice(rank_offset(pair_keys.size(0)), rank_offset(pair_keys.size(0)) + pair_keys.size(0))
+    return neg_text[mine], neg_clip[mine], positives[rows, neg_text][mine], positives[neg_clip, rows][mine]
 
 
 def itm_loss(logits, pair_is_positive):

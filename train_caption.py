@@ -300,7 +300,8 @@ class CaptionAndRetrieval(nn.Module):
         if self.itm_weight:
             # the same draws on every rank: seeded by the global batch's keys, not by a rank's generator
             generator = torch.Generator().manual_seed((self.seed + int(losses.gather(pair_keys).sum())) % 2 ** 63)
-            neg_text, neg_clip, text_is_pos, clip_is_pos = losses.hard_negatives(sim_c2t, sim_t2c, positives, generator)
+            neg_text, neg_clip, text_is_pos, clip_is_pos = losses.hard_negatives(sim_c2t, sim_t2c, positives,
+                                                                                     pair_keys, generator)
             if memory_mask is None:
                 memory_mask = torch.ones(memory.shape[:2], dtype=torch.bool, device=memory.device)
             all_memory, all_memory_mask = losses.gather_with_grad(memory), losses.gather(memory_mask)

@@ -14,8 +14,12 @@ What makes the two runs comparable, and why each holds:
     no single process can repeat (this is not a property of DDP);
   - both runs read one feature cache, so their inputs are the same bits;
   - both use the two ranks' vocabulary: the WordPiece trainer numbers its pieces
-    differently in each process (which is why train_caption.py trains it on rank 0 only).
-The runs stop after a few steps with --stop-at (last.pth saved, no evaluation).
+    differently in each process (which is why train_caption.py trains it on rank 0 only);
+  - with the retrieval objectives on, ITC and ITM score every pair against the gathered
+    global batch, and the ranks draw ITM's hard negatives for the whole global batch from one
+    generator seeded by that batch (losses.hard_negatives), as the one process does.
+The runs stop after a few steps with --stop-at (last.pth saved, no evaluation). Each check runs
+for captioning alone and for captioning with ITC and ITM.
 """
 
 import os
@@ -45,8 +49,8 @@ def run_stage2(argv):
     return train_caption.main(argv)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+@pytest.fixture(scope="module", params=[[], ["--itc-weight", "1", "--itm-weight", "1"]], ids=["caption", "+ITC+ITM"])
+def runs(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("ddp-caption")
     clips = str(root / "clips")
     data.make_embedded_dataset(clips, {"train": 16, "val": 2, "test": 2}, workers=1, progress=False)
@@ -56,7 +60,7 @@ def runs(tmp_path_factory):
                 "--no-align", "--caption-field", "caption_video",
                 "--batch-size", str(batch_size), "--max-steps", "10", "--stop-at", str(STEPS),
                 "--eval-every", "100", "--warmup-steps", "2", "--modality-dropout", "0.5",
-                "--num-workers", "0", "--device", "cpu", "--cache-features"]
+                "--num-workers", "0", "--device", "cpu", "--cache-features", *request.param]
 
     ranks = launch_local(run_stage2, argv("two-ranks", B), world_size=WORLD)
     saved = dict(M.PRESETS)

@@ -191,9 +191,26 @@ def test_hard_negatives_are_never_positives_when_a_negative_exists():
     _, sim_c2t, sim_t2c, positives = losses.itc_loss(clips, texts, torch.tensor(0.07), keys)
     for seed in range(20):
         neg_text, neg_clip, text_is_pos, clip_is_pos = losses.hard_negatives(
-            sim_c2t, sim_t2c, positives, torch.Generator().manual_seed(seed))
+            sim_c2t, sim_t2c, positives, keys, torch.Generator().manual_seed(seed))
         assert not positives[torch.arange(8), neg_text].any() and not positives[neg_clip, torch.arange(8)].any()
         assert not text_is_pos.any() and not clip_is_pos.any()
+
+
+def test_hard_negatives_do_not_depend_on_the_order_of_the_batch():
+    """Two ranks gather the global batch in another order than one process holds it (the
+    sampler interleaves the ranks' shares): each pair must still draw the same negatives."""
+    clips, texts = retrieval_batch(B=8)
+    keys = torch.tensor([[i, 100 + i % 5] for i in range(8)])
+    perm = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])
+
+    def draws(c, t, k):
+        _, sim_c2t, sim_t2c, positives = losses.itc_loss(c, t, torch.tensor(0.07), k)
+        neg_text, neg_clip, _, _ = losses.hard_negatives(sim_c2t, sim_t2c, positives, k, torch.Generator().manual_seed(3))
+        return k[neg_text, 0], k[neg_clip, 0]  # the drawn pairs, by their clip key
+
+    text_keys, clip_keys = draws(clips, texts, keys)
+    text_keys_p, clip_keys_p = draws(clips[perm], texts[perm], keys[perm])
+    assert torch.equal(text_keys[perm], text_keys_p) and torch.equal(clip_keys[perm], clip_keys_p)
 
 
 def test_a_batch_of_one_caption_has_no_negative_and_says_so():
@@ -201,7 +218,7 @@ def test_a_batch_of_one_caption_has_no_negative_and_says_so():
     clips, texts = retrieval_batch(B=4)
     keys = torch.tensor([[0, 9], [1, 9], [2, 9], [3, 9]])
     _, sim_c2t, sim_t2c, positives = losses.itc_loss(clips, texts, torch.tensor(0.07), keys)
-    _, _, text_is_pos, clip_is_pos = losses.hard_negatives(sim_c2t, sim_t2c, positives, torch.Generator())
+    _, _, text_is_pos, clip_is_pos = losses.hard_negatives(sim_c2t, sim_t2c, positives, keys, torch.Generator())
     assert text_is_pos.all() and clip_is_pos.all()
 
 
