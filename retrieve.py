@@ -32,14 +32,15 @@ def text_ids(tokenizer, texts, max_len=EVAL_TEXT_LEN):
 @torch.no_grad()
 def gallery(net, dataset, device, ctx, batch_size, cached, num_workers=0):
     """Every readable clip of `dataset` (one item per clip) through encode -> memory -> the
-    query pass. Returns (clip features (N, Q, E) float32 on the CPU, the clips' records, and
-    memory_of(indices) -> (memory, memory_mask) for re-ranking, which reads those clips
-    again: a gallery holds features, not memories, which at the paper's size are 1,000 times
-    larger)."""
+    query pass. Returns (clip features (N, Q, E) float32 on the CPU, the readable clips'
+    records, the unreadable ones' (path, reason), and memory_of(indices) -> (memory,
+    memory_mask) for re-ranking, which reads those clips again: a gallery holds features, not
+    memories, which at the paper's size are 1,000 times larger)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=_collate_saying_which)
-    feats, records, items = [], [], []  # items: the dataset index of each readable clip
+    feats, records, items, skipped = [], [], [], []  # items: the dataset index of each readable clip
     for start, (batch, readable) in zip(range(0, len(dataset), batch_size), loader):
+        skipped += batch["skipped"]
         if not batch["ids"]:
             continue
         with ctx:
@@ -56,7 +57,7 @@ def gallery(net, dataset, device, ctx, batch_size, cached, num_workers=0):
             memory_mask = torch.ones(memory.shape[:2], dtype=torch.bool, device=memory.device)
         return memory, memory_mask
 
-    return (torch.cat(feats) if feats else torch.empty(0)), records, memory_of
+    return (torch.cat(feats) if feats else torch.empty(0)), records, skipped, memory_of
 
 
 def _collate_saying_which(items):
@@ -120,13 +121,15 @@ def evaluate(net, dataset, references, tokenizer, device, ctx, batch_size, cache
     """Text <-> clip retrieval over `dataset` (one item per clip) with every caption of
     `references` ({clip id: [str, ...]}) as a text: ITC alone and re-ranked by ITM (top k).
     Returns {"text->clip ITC R@1": ..., ..., "clip->text ITM R@1": ..., "median rank", "mean
-    rank" likewise, "texts", "clips", "k"}."""
+    rank" likewise, "texts", "clips", "skipped" (unreadable clips, left out), "k"}. After
+    re-ranking, candidates past the top k tie at -100, so their ranks count as k + 1."""
     was_training = net.training
     net.eval()
-    clip_feats, records, memory_of = gallery(net, dataset, device, ctx, batch_size, cached, num_workers)
+    clip_feats, records, skipped, memory_of = gallery(net, dataset, device, ctx, batch_size, cached, num_workers)
     texts = sorted({c for r in records for c in references[r["id"]]})
     if not records or not texts:
-        raise data.UnreadableClips("retrieval: no readable clip with a caption to rank")
+        raise data.UnreadableClips(f"retrieval: no readable clip with a caption to rank ({len(skipped)} of "
+                                   f"{len(dataset)} unreadable)")
     relevant = torch.tensor([[t in references[r["id"]] for r in records] for t in texts])  # (T, N)
     sim = itc_similarity(text_features(net, tokenizer, texts, device, ctx), clip_feats)
     t2c, c2t = rerank(net, sim, texts, memory_of, tokenizer, device, ctx, k)
@@ -135,6 +138,6 @@ def evaluate(net, dataset, references, tokenizer, device, ctx, batch_size, cache
         for direction, scores, rel in (("text->clip", text_scores, relevant), ("clip->text", clip_scores, relevant.t())):
             summary = metrics.recall_summary(metrics.retrieval_ranks(scores, rel))
             out.update({f"{direction} {name} {key}": value for key, value in summary.items()})
-    out.update(texts=len(texts), clips=len(records), k=min(k, len(texts), len(records)))
+    out.update(texts=len(texts), clips=len(records), skipped=len(skipped), k=min(k, len(texts), len(records)))
     net.train(was_training)
     return out

@@ -378,10 +378,14 @@ def model_state(net, tokenizer, encoders, folder):
 def run_identity(args, sources):
     """What a resumed run must share with the run it continues. The frozen encoders are named
     by where their weights came from (None: this run's own initialisation, which the seed and
-    the config decide)."""
-    return {"preset": args.preset, "modalities": args.modalities, "seed": args.seed,
-            "encoders": {k: v if v is None or not os.path.exists(v) else os.path.abspath(v)
-                         for k, v in sources.items()}}
+    the config decide). The retrieval weights decide what trains, so they are part of it too
+    (named only when retrieval trains: a caption-only run's identity is as before they existed)."""
+    identity = {"preset": args.preset, "modalities": args.modalities, "seed": args.seed,
+                "encoders": {k: v if v is None or not os.path.exists(v) else os.path.abspath(v)
+                             for k, v in sources.items()}}
+    if args.itc_weight > 0 or args.itm_weight > 0:
+        identity["retrieval"] = {"itc_weight": args.itc_weight, "itm_weight": args.itm_weight}
+    return identity
 
 
 def check_resume(path, resumed, args):
@@ -399,7 +403,8 @@ def check_same_run(path, resumed, args, cfg, sources):
     """Refuse to resume into a run that differs from the one that wrote the checkpoint (other
     modalities, seed, encoders or model): it would silently train something else."""
     ours, theirs = run_identity(args, sources), resumed["run"]
-    differ = [f"{k} {ours[k]} (checkpoint: {theirs.get(k)})" for k in ours if ours[k] != theirs.get(k)]
+    differ = [f"{k} {ours.get(k)} (checkpoint: {theirs.get(k)})" for k in [*ours, *(k for k in theirs if k not in ours)]
+              if ours.get(k) != theirs.get(k)]
     differ += [f"model config '{k}'" for k, v in asdict(cfg).items() if resumed["config"].get(k) != v]
     if differ:
         raise data.DataError(f"--resume {path}: this run differs from the one that wrote it: {'; '.join(differ)}")

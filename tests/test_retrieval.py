@@ -1,0 +1,98 @@
+"""Retrieval from the unified queries (retrieve.py, metrics.retrieval_ranks): a query's rank is
+that of its best-ranked relevant candidate, re-ranking by the matching head touches only each
+query's top k, and a gallery of real files handles a clip with several captions, a clip without
+sound, an unreadable file, and a gallery with nothing readable."""
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+import data
+import metrics
+import model as M
+import retrieve
+
+
+def test_rank_is_that_of_the_best_ranked_relevant_candidate():
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.5], [0.1, 0.2, 0.3, 0.4]])
+    relevant = torch.tensor([[False, True, False, True], [True, False, False, False]])
+    assert metrics.retrieval_ranks(scores, relevant).tolist() == [2, 4]
+    summary = metrics.recall_summary(torch.tensor([1, 2, 4, 20]))
+    assert (summary["R@1"], summary["R@5"], summary["R@10"]) == (0.25, 0.75, 0.75)
+    assert summary["median rank"] == 3.0 and summary["mean rank"] == 6.75
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    """Six embedded clips; the first has a second caption, one clip has no soundtrack, one
+    file is not a video."""
+    root = tmp_path_factory.mktemp("gallery")
+    data.make_embedded_dataset(str(root), {"test": 6}, workers=1, progress=False)
+    with open(root / "test.json") as f:
+        records = json.load(f)
+    records.append(dict(records[0], caption="a second caption of the first clip"))
+    data.write_test_clip(str(root / "silent.mp4"), seconds=2, width=64, height=64, audio=False)
+    records.append(dict(records[1], id="silent", caption="a clip without sound"))
+    (root / "broken.mp4").write_bytes(b"not a video")
+    records.append(dict(records[2], id="broken", caption="an unreadable file"))
+    with open(root / "ann.json", "w") as f:
+        json.dump(records, f)
+    return root
+
+
+def tiny_model(captions):
+    torch.manual_seed(0)
+    tok = data.Tokenizer.train(captions, 200)
+    return M.UniQ4Cap(tok.configure(M.tiny_config())).eval(), tok
+
+
+def test_a_gallery_of_real_files_is_ranked_against_every_reference(gallery):
+    ds = data.AVCaptionDataset(str(gallery / "ann.json"), str(gallery), data.MediaConfig.from_model(M.tiny_config()),
+                               by_clip=True)
+    net, tok = tiny_model([c for refs in ds.references.values() for c in refs])
+    out = retrieve.evaluate(net, ds, ds.references, tok, torch.device("cpu"), contextlib.nullcontext(),
+                            batch_size=3, cached=False, k=3)
+    assert out["clips"] == 7 and out["skipped"] == 1  # the silent clip is ranked, the broken file left out
+    readable = [r for r in ds.records if r["id"] != "broken"]
+    assert out["texts"] == len({c for r in readable for c in ds.references[r["id"]]})
+    for key, value in out.items():
+        if "R@" in key:
+            assert 0.0 <= value <= 1.0, key
+        elif "rank" in key and "ITM" in key:
+            assert 1.0 <= value <= out["k"] + 1, key  # past the top k, every candidate ties at -100
+
+
+def test_a_gallery_with_nothing_readable_says_so(gallery, tmp_path):
+    with open(tmp_path / "ann.json", "w") as f:
+        json.dump([{"id": "broken", "caption": "an unreadable file"}], f)
+    ds = data.AVCaptionDataset(str(tmp_path / "ann.json"), str(gallery), data.MediaConfig.from_model(M.tiny_config()),
+                               by_clip=True)
+    net, tok = tiny_model(["an unreadable file"])
+    with pytest.raises(data.UnreadableClips, match=r"no readable clip .*\(1 of 1 unreadable\)"):
+        retrieve.evaluate(net, ds, ds.references, tok, torch.device("cpu"), contextlib.nullcontext(), 2, cached=False)
+
+
+def test_reranking_reorders_only_each_querys_top_k_by_itm_plus_itc():
+    net, tok = tiny_model(["a red circle", "a blue cross", "a green triangle"])
+    g = torch.Generator().manual_seed(0)
+    memory = torch.randn(5, 7, net.cfg.qformer.encoder_width, generator=g)
+    texts = ["a red circle", "a blue cross", "a green triangle"]
+    sim = torch.rand(3, 5, generator=g)
+
+    def memory_of(indices):
+        return memory[indices], torch.ones(len(indices), 7, dtype=torch.bool)
+
+    t2c, c2t = retrieve.rerank(net, sim, texts, memory_of, tok, torch.device("cpu"), contextlib.nullcontext(), k=2)
+    ids, mask = retrieve.text_ids(tok, texts)
+    itm = torch.stack([net.match_logits(memory, torch.ones(5, 7, dtype=torch.bool), ids[t].expand(5, -1),
+                                        mask[t].expand(5, -1))[:, 1] for t in range(3)]).detach()  # (3, 5)
+    for t in range(3):
+        top = set(sim[t].topk(2).indices.tolist())
+        for c in range(5):
+            expected = itm[t, c] + sim[t, c] if c in top else torch.tensor(-100.0)
+            torch.testing.assert_close(t2c[t, c], expected, atol=1e-5, rtol=0)
+    for c in range(5):
+        top = set(sim[:, c].topk(2).indices.tolist())
+        assert {t for t in range(3) if c2t[c, t] > -100} == top
