@@ -25,12 +25,16 @@ Rows:
                   cache loader at that batch with 2, 4, 8, 16 workers against the best step
   sample          sample.py on 256 embedded clips (tiny): batched, decoding in loader workers, vs
                   one clip at a time; and whether decoding or the model bounds it
+  rank-gallery    text->clip ranking of a gallery with the retrieval heads, clip features stored:
+                  ITC as one matrix product then ITM on each text's top k (retrieve.py) vs ITM
+                  on every (text, clip) pair
 
     python bench.py                       # everything on the CPU (and CUDA if present)
     python bench.py --only qformer-step --device cuda --batch 16
 """
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -39,12 +43,14 @@ import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import cache
 import data
 import model as M
 from losses import caption_loss
+import retrieve
 import sample
 import training as T
 from training import autocast_context
@@ -462,6 +468,45 @@ def bench_memory(device, dtype, batch):
                 for towers in (True, False)}
 
 
+def bench_rank_gallery(net, device, repeats, clips=16, texts=16, k=2, text_len=12):
+    """Rank `clips` stored clips for each of `texts` texts (random memories, token ids and
+    features: the cost does not depend on the values). Baseline: the matching head on every
+    pair, in batches of `clips`. Candidate: retrieve.rerank's route, the ITC matrix over the
+    stored features (computed beforehand, as a gallery keeps them) then ITM on each text's top k
+    and each clip's top k. Returns (seconds, seconds)."""
+    q = net.cfg.qformer
+    g = torch.Generator().manual_seed(0)
+    mem_len = net.cfg.video.num_frames * net.cfg.video.tokens_per_frame + net.cfg.audio.tokens_per_frame
+    memory = torch.randn(clips, mem_len, q.encoder_width, generator=g).to(device)
+    full_mask = torch.ones(clips, mem_len, dtype=torch.bool, device=device)
+    ids = torch.randint(q.bos_token_id + 1 if q.bos_token_id + 1 < q.vocab_size else 1, q.vocab_size,
+                        (texts, text_len), generator=g).to(device)
+    text_mask = torch.ones_like(ids, dtype=torch.bool)
+    clip_feats = F.normalize(torch.randn(clips, q.num_query_tokens, q.proj_dim, generator=g), dim=-1)
+    text_feats = F.normalize(torch.randn(texts, q.proj_dim, generator=g), dim=-1)
+
+    class Tok:  # stands in for the tokenizer retrieve.rerank takes: text "t" is row t of the random ids
+        cls_id = q.bos_token_id
+
+        @staticmethod
+        def encode(batch, max_len):
+            rows = torch.tensor([int(t) for t in batch])
+            return ids[rows].cpu().clone(), text_mask[rows].cpu()
+
+    def every_pair():
+        with torch.no_grad():
+            for t in range(texts):
+                net.match_logits(memory, full_mask, ids[t].expand(clips, -1), text_mask[t].expand(clips, -1))
+
+    def top_k():
+        sim = retrieve.itc_similarity(text_feats, clip_feats)
+        retrieve.rerank(net, sim, [str(t) for t in range(texts)], lambda rows: (memory[rows], full_mask[rows]),
+                        Tok, device, contextlib.nullcontext(), k, batch_size=clips)
+
+    t = compare({"all": every_pair, "top": top_k}, repeats, sync=syncer(device))
+    return t["all"], t["top"]
+
+
 def bench_sample(device, repeats, clips=256, batch=16, workers=2, tokens=14):
     """sample.py on a folder of `clips` embedded-dataset clips at the tiny preset: the batched
     path (decoding in `workers` loader processes while the model captions `batch` clips per
@@ -516,7 +561,7 @@ def main():
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
     p.add_argument("--batch", type=int, default=0, help="batch for the step rows (default: 2 on CPU, 16 on CUDA)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
-    p.add_argument("--only", default="", help="comma-separated rows: qformer-step,peer,train-step,compile,cached-step,cache-read,kv-cache,decode,memory,sample "
+    p.add_argument("--only", default="", help="comma-separated rows: qformer-step,peer,train-step,compile,cached-step,cache-read,kv-cache,decode,memory,sample,rank-gallery "
                                              "(compile runs by default on CUDA only)")
     p.add_argument("--out", default="out/bench.json", help="where the JSON goes")
     p.add_argument("--preset", default="full", choices=sorted(M.PRESETS),
@@ -660,6 +705,11 @@ def main():
                      f"from cached features, batch {mb}, {str(dtype).replace('torch.', '')}"))
         results["memory cached-step"] = {"kind": kind, "towers_built_bytes": peak[True],
                                          "towers_never_built_bytes": peak[False], "batch": mb}
+    if want("rank-gallery"):
+        net.eval()
+        every, top = bench_rank_gallery(net, device, args.repeats)
+        row("rank-gallery 16 texts x 16 clips", "ITM every pair", every, "ITC + ITM top 2", top,
+            "fp32; the clip features stored, as a gallery keeps them")
     if want("sample"):
         t = bench_sample(device, args.repeats)
         bound = "decoding" if t["decode"] > t["model"] else "the model"

@@ -118,3 +118,26 @@ def test_paper_setting_trains_saves_and_captions(paper_files, tmp_path, capsys):
                    "--video-encoder", f["video"], "--audio-encoder", f["audio"], "--max-length", "6")
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip().splitlines()) == 1
+
+
+def test_retrieval_objectives_and_evaluation_at_full_size(paper_files, tmp_path):
+    """One step of captioning + ITC + ITM at the paper's shapes, starting from BLIP-2's retrieval
+    heads (loaded, not re-initialised: after one step at the warm-up's 2e-6 they are still the
+    file's), then ITC ranking and ITM re-ranking on the validation and test clips."""
+    f = paper_files
+    out = str(tmp_path / "retrieval")
+    losses = train_caption.main([
+        "--preset", "full", "--data-dir", f["media"], "--train-ann", os.path.join(f["root"], "train.json"),
+        "--val-ann", os.path.join(f["root"], "val.json"), "--test-ann", os.path.join(f["root"], "test.json"),
+        "--video-encoder", f["video"], "--audio-encoder", f["audio"], "--bert", f["bert"], "--blip2", f["blip2"],
+        "--itc-weight", "1", "--itm-weight", "1", "--batch-size", "2", "--max-steps", "1", "--eval-every", "1",
+        "--num-workers", "0", "--device", "cpu", "--out-dir", out])
+    assert len(losses) == 1 and all(torch.isfinite(torch.tensor(losses)))
+    trained = torch.load(os.path.join(out, "best.pth"), weights_only=True)["model"]
+    blip2 = torch.load(f["blip2"], weights_only=True)["model"]
+    for name in ("vision_proj.weight", "text_proj.weight", "itm_head.weight"):
+        torch.testing.assert_close(trained[name], blip2[name], atol=1e-4, rtol=0, msg=name)
+    torch.testing.assert_close(trained["temp"], blip2["temp"].clamp(0.001, 0.5), atol=1e-4, rtol=0)  # LAVIS's clamp
+    with open(os.path.join(out, "metrics.json")) as fh:
+        retrieval = json.load(fh)["test"]["retrieval"]
+    assert retrieval["clips"] == 1 and retrieval["texts"] == 1 and retrieval["text->clip ITM R@1"] == 1.0
