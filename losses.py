@@ -68,6 +68,15 @@ def rank_offset(batch):
     return dist.get_rank() * batch if _distributed() else 0
 
 
+def global_max(n, device):
+    """The largest of every rank's integer n (n itself in one process)."""
+    if not _distributed():
+        return n
+    t = torch.tensor(n, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
 def gather(x):
     """x (B, ...) on every rank -> (world*B, ...), rank-major, without gradient (for masks)."""
     if not _distributed():

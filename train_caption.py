@@ -289,8 +289,9 @@ class CaptionAndRetrieval(nn.Module):
         lm = losses.next_token_loss(logits, captions, caption_mask, net.cfg.label_smoothing)
         with torch.no_grad():
             net.temp.clamp_(0.001, 0.5)  # as LAVIS
-        # the retrieval text: [CLS] where the caption has [DEC], padded to one length so ranks can exchange it
-        B, pad = captions.size(0), net.cfg.max_text_len - captions.size(1)
+        # the retrieval text: [CLS] where the caption has [DEC], padded to the global batch's longest so
+        # ranks can exchange it
+        B, pad = captions.size(0), losses.global_max(captions.size(1), captions.device) - captions.size(1)
         cls_ids = torch.cat([captions, captions.new_full((B, pad), net.cfg.qformer.pad_token_id)], dim=1)
         cls_ids[:, 0] = self.cls_id
         text_mask = torch.cat([caption_mask.bool(), caption_mask.new_zeros(B, pad, dtype=torch.bool)], dim=1)
