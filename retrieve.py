@@ -13,6 +13,8 @@ caption, and any of them is a hit). R@1/5/10 are fractions of the queries, in [0
 are 1-based, of the best-ranked relevant candidate.
 """
 
+import itertools
+
 import torch
 
 import data
@@ -139,5 +141,20 @@ def evaluate(net, dataset, references, tokenizer, device, ctx, batch_size, cache
             summary = metrics.recall_summary(metrics.retrieval_ranks(scores, rel))
             out.update({f"{direction} {name} {key}": value for key, value in summary.items()})
     out.update(texts=len(texts), clips=len(records), skipped=len(skipped), k=min(k, len(texts), len(records)))
+    if "attributes" in records[0]:
+        out["zero-shot attributes"] = zero_shot_attributes(net, tokenizer, clip_feats, records, device, ctx)
     net.train(was_training)
     return out
+
+
+@torch.no_grad()
+def zero_shot_attributes(net, tokenizer, clip_feats, records, device, ctx, field="caption"):
+    """Zero-shot classification through ITC, as LanguageBind classifies: every caption the
+    embedded data can have (each combination of its attributes, written as its `field` is)
+    is a class; each clip takes the one with the highest ITC similarity, and its attributes
+    are read back from it. Returns {attribute: accuracy} over `records` (which carry them)."""
+    combos = [dict(zip(data.ATTRIBUTES, values)) for values in itertools.product(*data.ATTRIBUTES.values())]
+    texts = [data.captions_for(a)[field] for a in combos]
+    best = itc_similarity(text_features(net, tokenizer, texts, device, ctx), clip_feats).argmax(dim=0)  # (N,)
+    return {name: sum(combos[int(b)][name] == r["attributes"][name] for b, r in zip(best, records)) / len(records)
+            for name in data.ATTRIBUTES}

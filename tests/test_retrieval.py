@@ -96,3 +96,17 @@ def test_reranking_reorders_only_each_querys_top_k_by_itm_plus_itc():
     for c in range(5):
         top = set(sim[:, c].topk(2).indices.tolist())
         assert {t for t in range(3) if c2t[c, t] > -100} == top
+
+
+def test_zero_shot_reads_the_attributes_of_the_best_matching_caption():
+    """Clip features equal to their own caption's text feature are classified right on every
+    attribute: the classes are all 192 captions, and the answer is read back from the best."""
+    records = [{"attributes": {"shape": s, "colour": c, "motion": m, "background": b}}
+               for s, c, m, b in [("circle", "red", "up", "rain"), ("cross", "blue", "away", "silence"),
+                                  ("triangle", "yellow", "closer", "birds")]]
+    captions = [data.captions_for(r["attributes"])["caption"] for r in records]
+    net, tok = tiny_model(captions)
+    own = retrieve.text_features(net, tok, captions, torch.device("cpu"), contextlib.nullcontext())  # (3, E)
+    acc = retrieve.zero_shot_attributes(net, tok, own[:, None, :], records, torch.device("cpu"),
+                                        contextlib.nullcontext())
+    assert acc == {"shape": 1.0, "colour": 1.0, "motion": 1.0, "background": 1.0}
