@@ -13,6 +13,7 @@ import data
 import metrics
 import model as M
 import retrieve
+import train_caption
 
 
 def test_rank_is_that_of_the_best_ranked_relevant_candidate():
@@ -61,7 +62,7 @@ def test_a_gallery_of_real_files_is_ranked_against_every_reference(gallery):
         if "R@" in key:
             assert 0.0 <= value <= 1.0, key
         elif "rank" in key and "ITM" in key:
-            assert 1.0 <= value <= out["k"] + 1, key  # past the top k, every candidate ties at -100
+            assert 1.0 <= value <= min(out["k"], out["texts"], out["clips"]) + 1, key  # past the top k, a tie at -100
 
 
 def test_a_gallery_with_nothing_readable_says_so(gallery, tmp_path):
@@ -110,3 +111,31 @@ def test_zero_shot_reads_the_attributes_of_the_best_matching_caption():
     acc = retrieve.zero_shot_attributes(net, tok, own[:, None, :], records, torch.device("cpu"),
                                         contextlib.nullcontext())
     assert acc == {"shape": 1.0, "colour": 1.0, "motion": 1.0, "background": 1.0}
+
+
+def test_the_command_ranks_a_folder_and_a_second_query_decodes_nothing(gallery, tmp_path, capsys):
+    """retrieve.py --video DIR --text ...: JSON Lines with each text's ranked videos, what is
+    not a video named on stderr; the clip features are stored, so a second query computes
+    none; a named file that cannot be read is an error line and exit code 1, the rest still
+    ranked."""
+    ds = data.AVCaptionDataset(str(gallery / "ann.json"), str(gallery), data.MediaConfig.from_model(M.tiny_config()),
+                               by_clip=True)
+    net, tok = tiny_model([c for refs in ds.references.values() for c in refs])
+    encoders = {name: str(tmp_path / f"{name}.pth") for name in ("video", "audio")}
+    torch.save(net.video_encoder.state_dict(), encoders["video"])
+    torch.save(net.audio_encoder.state_dict(), encoders["audio"])
+    torch.save(train_caption.model_state(net, tok, encoders, str(tmp_path)), tmp_path / "best.pth")
+    argv = ["--ckpt", str(tmp_path / "best.pth"), "--num-workers", "0", "--device", "cpu", "--top", "3",
+            "--rerank-k", "2", "--out", str(tmp_path / "ranks.jsonl")]
+    assert retrieve.main(argv + ["--video", str(gallery), "--text", "a red circle", "--text", "rain"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped, not readable as a video: " + str(gallery / "broken.mp4") in err
+    assert "0 of 7 files' features were stored, 7 computed now" in err
+    with open(tmp_path / "ranks.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    assert [line["text"] for line in lines] == ["a red circle", "rain"]
+    assert all(len(line["videos"]) == 3 for line in lines)
+    assert all(v["score"] is not None for line in lines for v in line["videos"][:2])  # the top 2, re-ranked
+    assert retrieve.main(argv + ["--video", str(gallery), str(gallery / "broken.mp4"), "--text", "a blue cross"]) == 1
+    err = capsys.readouterr().err
+    assert "7 of 8 files' features were stored, 0 computed now, 1 unreadable" in err and "error: " in err
