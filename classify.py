@@ -1,0 +1,199 @@
+"""Classification from the unified queries, the paper's "downstream classification":
+
+  --zero-shot  through the contrastive heads, as LanguageBind classifies: each class name is
+               put in every prompt template, a class's text feature is the mean of its
+               templates' (unit-length) features, made unit length again, and a clip's logit
+               for a class is 100 x the cosine of its best query with it;
+  --probe      a linear probe: logistic regression on the pooled query feature (the mean of the
+               queries' final outputs), one head per label, its L2 weight chosen on the
+               validation split from a grid, reported on the test split.
+
+Labels come from a field of the annotation records: a string is one label (reported as top-1
+and top-5 accuracy), a list of strings several (reported as mAP, as for AudioSet); a dotted
+name reaches into a dict ("attributes.colour" on the embedded data). --modalities chooses the
+memory the queries read, so one trained model gives the video-only, audio-only and joint rows.
+
+    python classify.py --ckpt out/retrieval/best.pth --label attributes.colour --label attributes.background --probe
+    python classify.py --ckpt out/retrieval/best.pth --label attributes.colour --zero-shot
+
+Fine-tuning the Q-Former with a classification head is not here yet.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import data
+import retrieve
+import sample
+import training as T
+
+TEMPLATES = ["{}", "a video of {}.", "the sound of {}."]
+L2_GRID = [0.0, 1e-4, 1e-3, 1e-2, 1e-1]
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="out/caption/best.pth", help="a stage-2 checkpoint")
+    p.add_argument("--label", action="append", required=True,
+                   help="annotation field holding the labels, dotted into dicts (repeat for several)")
+    p.add_argument("--zero-shot", action="store_true", help="classify through ITC with prompt templates")
+    p.add_argument("--probe", action="store_true", help="fit a linear probe on the training split")
+    p.add_argument("--templates", nargs="+", default=TEMPLATES,
+                   help="zero-shot prompt templates, '{}' standing for the class name (default: %(default)s)")
+    p.add_argument("--modalities", default="video+audio", choices=["video+audio", "video", "audio"],
+                   help="the memory the queries read")
+    p.add_argument("--out", default=None, help="the results as JSON (default: printed)")
+    p.add_argument("--batch-size", type=int, default=32, help="clips encoded together")
+    p.add_argument("--preset", default=None, help="model size, for the authors' checkpoints (as sample.py)")
+    p.add_argument("--bert", default=None, help="bert-base-cased's vocabulary, for the authors' checkpoints")
+    p.add_argument("--video-encoder", default=None, help="video encoder file (overrides the checkpoint's)")
+    p.add_argument("--audio-encoder", default=None, help="audio encoder file (overrides the checkpoint's)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    T.add_data_args(p)
+    args = p.parse_args(argv)
+    if not (args.zero_shot or args.probe):
+        p.error("give --zero-shot, --probe or both")
+    if any("{}" not in t for t in args.templates):
+        p.error("every --templates entry needs '{}' where the class name goes")
+    return args
+
+
+def labels_of(record, field):
+    """The record's labels under a dotted field name, as a list of strings."""
+    value = record
+    for part in field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise data.DataError(f"record {record.get('id')!r} has no label field '{field}'")
+        value = value[part]
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+@torch.no_grad()
+def split_features(net, dataset, args, ctx):
+    """The readable clips' pooled query features (N, C) and unit-length clip features (N, Q, E),
+    and their records."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=data.collate,
+                                         num_workers=T.loader_workers(args, False, args.device))
+    pooled, clip, records = [], [], []
+    for batch in T.progress(loader, "features"):
+        if not batch["ids"]:
+            continue
+        with ctx:
+            memory, memory_mask = retrieve.batch_memory(net, batch, args.device, False)
+            _, queries = net.Qformer.read_memory(net.query_tokens, memory, memory_mask, outputs=True)
+        pooled.append(queries.mean(dim=1).float().cpu())
+        clip.append(net.clip_features(queries).float().cpu())
+        records += batch["records"]
+    if not records:
+        raise data.UnreadableClips("no readable clip to classify")
+    return torch.cat(pooled), torch.cat(clip), records
+
+
+def one_hot(records, field, classes):
+    """(N, K) 0/1 targets."""
+    out = torch.zeros(len(records), len(classes))
+    for i, r in enumerate(records):
+        for label in labels_of(r, field):
+            if label in classes:
+                out[i, classes.index(label)] = 1.0
+    return out
+
+
+def scores(logits, targets, multi_label):
+    """Top-1 and top-5 accuracy (single-label), or mAP (multi-label), as fractions."""
+    if not multi_label:
+        truth = targets.argmax(dim=1)
+        top = logits.topk(min(5, logits.size(1)), dim=1).indices
+        return {"top-1": (top[:, 0] == truth).float().mean().item(),
+                "top-5": (top == truth[:, None]).any(dim=1).float().mean().item()}
+    aps = []
+    for k in range(targets.size(1)):
+        if targets[:, k].sum() == 0:
+            continue  # a class no clip has: no precision to average
+        order = logits[:, k].argsort(descending=True)
+        hits = targets[order, k]
+        precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
+        aps.append((precision * hits).sum().item() / hits.sum().item())
+    return {"mAP": sum(aps) / len(aps)}
+
+
+def zero_shot(net, tokenizer, clip_feats, classes, templates, device, ctx):
+    """(N, K) logits: 100 x the best query's cosine with each class's template-averaged feature."""
+    weights = []
+    for name in classes:
+        feats = retrieve.text_features(net, tokenizer, [t.format(name) for t in templates], device, ctx)
+        weights.append(F.normalize(feats.mean(dim=0), dim=-1))
+    return 100 * retrieve.itc_similarity(torch.stack(weights), clip_feats).t()
+
+
+def linear_probe(train, val, test, epochs=200):
+    """train / val / test: (features (N, C), targets (N, K)). Logistic regression (softmax, or
+    one sigmoid per class for several labels) on standardised features, full-batch L-BFGS, at
+    each L2 weight of L2_GRID; the one with the best validation score is reported on test."""
+    multi_label = bool((train[1].sum(dim=1) > 1).any())
+    mean, std = train[0].mean(dim=0), train[0].std(dim=0).clamp_min(1e-6)
+    norm = [((x - mean) / std, y) for x, y in (train, val, test)]
+    best = None
+    for l2 in L2_GRID:
+        torch.manual_seed(0)
+        head = torch.nn.Linear(norm[0][0].size(1), norm[0][1].size(1))
+        opt = torch.optim.LBFGS(head.parameters(), max_iter=epochs, line_search_fn="strong_wolfe")
+        x, y = norm[0]
+
+        def closure():
+            opt.zero_grad()
+            logits = head(x)
+            loss = (F.binary_cross_entropy_with_logits(logits, y) if multi_label
+                    else F.cross_entropy(logits, y.argmax(dim=1)))
+            loss = loss + l2 * head.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            val_score = scores(head(norm[1][0]), norm[1][1], multi_label)
+            key = next(iter(val_score.values()))
+            if best is None or key > best[0]:
+                best = (key, l2, scores(head(norm[2][0]), norm[2][1], multi_label))
+    return {"l2": best[1], **best[2]}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    args.device = T.setup_device(args.device)
+    ctx = torch.autocast(args.device.type, enabled=False)
+    data_dir, anns = T.resolve_data_paths(args)
+    net, tokenizer = sample.load_captioner(args)
+    media = data.MediaConfig.from_model(net.cfg)
+    splits = ("train", "val", "test") if args.probe else ("test",)
+    feats = {}
+    for split in splits:
+        field, _ = data.caption_field_for(anns[split], args.caption_field)
+        ds = data.AVCaptionDataset(anns[split], data_dir, media, field, modalities=args.modalities, by_clip=True)
+        feats[split] = split_features(net, ds, args, ctx)
+    out = {"modalities": args.modalities}
+    for field in args.label:
+        classes = sorted({label for split in splits for r in feats[split][2] for label in labels_of(r, field)})
+        targets = {split: one_hot(feats[split][2], field, classes) for split in splits}
+        multi_label = bool((targets["test"].sum(dim=1) > 1).any())
+        result = {"classes": len(classes)}
+        if args.zero_shot:
+            logits = zero_shot(net, tokenizer, feats["test"][1], classes, args.templates, args.device, ctx)
+            result["zero-shot"] = scores(logits, targets["test"], multi_label)
+        if args.probe:
+            result["probe"] = linear_probe(*((feats[s][0], targets[s]) for s in splits))
+        out[field] = result
+    print(json.dumps(out, indent=2), file=sys.stdout if args.out is None else sys.stderr)
+    if args.out is not None:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        T.write_json(args.out, out)
+    return 0
+
+
+if __name__ == "__main__":
+    T.run_script(main)
