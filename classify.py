@@ -38,7 +38,6 @@ L2_GRID = [0.0, 1e-4, 1e-3, 1e-2, 1e-1]
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="out/caption/best.pth", help="a stage-2 checkpoint")
     p.add_argument("--label", action="append", required=True,
                    help="annotation field holding the labels, dotted into dicts (repeat for several)")
     p.add_argument("--zero-shot", action="store_true", help="classify through ITC with prompt templates")
@@ -49,11 +48,7 @@ def get_args(argv=None):
                    help="the memory the queries read")
     p.add_argument("--out", default=None, help="the results as JSON (default: printed)")
     p.add_argument("--batch-size", type=int, default=32, help="clips encoded together")
-    p.add_argument("--preset", default=None, help="model size, for the authors' checkpoints (as sample.py)")
-    p.add_argument("--bert", default=None, help="bert-base-cased's vocabulary, for the authors' checkpoints")
-    p.add_argument("--video-encoder", default=None, help="video encoder file (overrides the checkpoint's)")
-    p.add_argument("--audio-encoder", default=None, help="audio encoder file (overrides the checkpoint's)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    sample.add_checkpoint_args(p)
     T.add_data_args(p)
     args = p.parse_args(argv)
     if not (args.zero_shot or args.probe):

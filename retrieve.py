@@ -191,8 +191,6 @@ def zero_shot_attributes(net, tokenizer, clip_feats, records, device, ctx, field
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="out/caption/best.pth",
-                   help="a stage-2 checkpoint trained with --itc-weight / --itm-weight (or the authors')")
     p.add_argument("--video", nargs="+", default=None, help="video files or folders: the gallery")
     p.add_argument("--text", action="append", default=None, help="a text query (repeat for several)")
     p.add_argument("--captions", default=None, help="a file of candidate captions, one a line: each video's best")
@@ -206,11 +204,7 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="JSON Lines (default: stdout); with --ann, the metrics as JSON")
     p.add_argument("--batch-size", type=int, default=16, help="clips encoded together")
     p.add_argument("--num-workers", type=int, default=2, help="decoding processes")
-    p.add_argument("--preset", default=None, help="model size, for the authors' checkpoints (as sample.py)")
-    p.add_argument("--bert", default=None, help="bert-base-cased's vocabulary, for the authors' checkpoints")
-    p.add_argument("--video-encoder", default=None, help="video encoder file (overrides the checkpoint's)")
-    p.add_argument("--audio-encoder", default=None, help="audio encoder file (overrides the checkpoint's)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    sample.add_checkpoint_args(p)  # --ckpt: one trained with --itc-weight / --itm-weight, or the authors'
     args = p.parse_args(argv)
     if sum(x is not None for x in (args.text, args.captions, args.ann)) != 1:
         p.error("give one of --text (rank the videos), --captions (rank captions for each video) or --ann (evaluate)")

@@ -43,9 +43,8 @@ import pretrained as P
 import training as T
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--video", nargs="+", required=True, help="video files or folders")
+def add_checkpoint_args(p):
+    """The flags load_captioner reads (sample.py, retrieve.py and classify.py take them)."""
     p.add_argument("--ckpt", default="out/caption/best.pth", help="stage-2 checkpoint")
     p.add_argument("--preset", default=None, choices=sorted(M.PRESETS),
                    help="model size, for checkpoints that carry no config (the authors')")
@@ -53,6 +52,13 @@ def get_args(argv=None):
     p.add_argument("--audio-encoder", default=None, help="audio encoder file (overrides the checkpoint's)")
     p.add_argument("--bert", default=None, help="bert-base-cased's vocabulary, for the authors' checkpoints: a folder with vocab.txt "
                         "or a repo id (google-bert/bert-base-cased, or the legacy bert-base-cased)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--video", nargs="+", required=True, help="video files or folders")
+    add_checkpoint_args(p)
     T.add_decoding_args(p)
     p.add_argument("--num-captions", type=int, default=1,
                    help="captions per video (with --decode beam at most --num-beams; greedy gives one)")
@@ -63,7 +69,6 @@ def get_args(argv=None):
                    help="skip the files --out already holds and append (--no-resume: start it afresh)")
     p.add_argument("--batch-size", type=int, default=16, help="clips captioned together")
     p.add_argument("--num-workers", type=int, default=2, help="decoding processes (0: decode in this one)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     args = p.parse_args(argv)
     T.check_decoding_args(p, args)
     if args.batch_size < 1 or args.num_workers < 0:
