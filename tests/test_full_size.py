@@ -125,14 +125,14 @@ def test_paper_setting_trains_saves_and_captions(paper_files, tmp_path, capsys):
 
 def test_retrieval_objectives_and_evaluation_at_full_size(paper_files):
     """BLIP-2's retrieval heads at the paper's shapes, from its official-layout file: loaded, not
-    re-initialised; one step of caption + ITC + ITM from encoder tokens of the full shapes
-    (the towers are test_paper_setting's part) gives every head a gradient; then the
-    evaluation's ITC ranking and ITM re-ranking of the same two clips."""
+    re-initialised; the caption + ITC + ITM loss from encoder tokens of the full shapes (the
+    towers are test_paper_setting's part; test_retrieval.py checks the gradients, at the tiny
+    size); then the evaluation's ITC ranking and ITM re-ranking of the same two clips."""
     f = paper_files
     cfg = M.full_config()
     torch.manual_seed(0)
     net = M.UniQ4Cap(cfg, encoders=False)
-    P.load_pretrained(net, bert=f["bert"], blip2=f["blip2"])
+    P.load_pretrained(net, blip2=f["blip2"])  # (BERT's part is test_paper_setting's)
     blip2 = torch.load(f["blip2"], weights_only=True)["model"]
     for name in ("vision_proj.weight", "text_proj.weight", "itm_head.weight", "temp"):
         assert torch.equal(net.state_dict()[name], blip2[name]), name
@@ -141,12 +141,9 @@ def test_retrieval_objectives_and_evaluation_at_full_size(paper_files):
     tokens = {"video_tokens": torch.randn(2, cfg.video.num_frames * cfg.video.tokens_per_frame, cfg.video.width),
               "audio_tokens": torch.randn(2, cfg.audio.tokens_per_frame, cfg.audio.width)}
     objective = train_caption.CaptionAndRetrieval(net, 1.0, 1.0, tokenizer.cls_id, seed=0)
-    loss, logged = objective(ids, mask, torch.tensor([[0, 10], [1, 11]]), **tokens)
-    loss.backward()
-    assert torch.isfinite(loss) and set(logged) == {"lm", "itc", "itm"}
-    for head in (net.vision_proj, net.text_proj, net.itm_head):
-        assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
     with torch.no_grad():
+        loss, logged = objective(ids, mask, torch.tensor([[0, 10], [1, 11]]), **tokens)
+        assert torch.isfinite(loss) and set(logged) == {"lm", "itc", "itm"}
         memory, memory_mask = net.eval().memory(**tokens)
         _, queries = net.Qformer.read_memory(net.query_tokens, memory, memory_mask, outputs=True)
         sim = retrieve.itc_similarity(retrieve.text_features(net, tokenizer, CAPTIONS[:2], "cpu", nullcontext()),

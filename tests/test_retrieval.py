@@ -139,3 +139,23 @@ def test_the_command_ranks_a_folder_and_a_second_query_decodes_nothing(gallery, 
     assert retrieve.main(argv + ["--video", str(gallery), str(gallery / "broken.mp4"), "--text", "a blue cross"]) == 1
     err = capsys.readouterr().err
     assert "7 of 8 files' features were stored, 0 computed now, 1 unreadable" in err and "error: " in err
+
+
+def test_the_retrieval_objectives_train_every_head_and_leave_nothing_without_a_gradient():
+    """caption + ITC + ITM: BLIP-2's heads, the temperature and the last layer's query path (which
+    captioning never reaches) get gradients; under DDP a trained parameter without one would stop
+    the run."""
+    net, tok = tiny_model(["a red circle", "a blue cross", "a green triangle", "rain"])
+    cfg = net.cfg
+    objective = train_caption.CaptionAndRetrieval(net.train(), 1.0, 1.0, tok.cls_id, seed=0)
+    ids, mask = tok.encode(["a red circle", "a blue cross", "a green triangle", "rain"], cfg.max_text_len)
+    g = torch.Generator().manual_seed(0)
+    tokens = {"video_tokens": torch.randn(4, cfg.video.num_frames * cfg.video.tokens_per_frame, cfg.video.width,
+                                          generator=g),
+              "audio_tokens": torch.randn(4, cfg.audio.tokens_per_frame, cfg.audio.width, generator=g)}
+    loss, _ = objective(ids, mask, torch.tensor([[i, 10 + i] for i in range(4)]), **tokens)
+    loss.backward()
+    trained = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
+    assert {"temp", "vision_proj.weight", "text_proj.weight", "itm_head.weight"} <= {name for name, _ in trained}
+    missing = [name for name, p in trained if p.grad is None]
+    assert not missing, missing
