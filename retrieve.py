@@ -7,9 +7,9 @@ BLIP-2 (`lavis/tasks/retrieval.py` and `Blip2Qformer.compute_sim_matrix`):
   2. for each query, its top k candidates by ITC are re-ranked by the matching head: score =
      ITM logit of "matches" + ITC cosine; candidates outside the top k keep -100.
 
-    python retrieve.py --ckpt out/caption/best.pth --video some/folder --text "a red circle moves up"
-    python retrieve.py --ckpt out/caption/best.pth --video x.mp4 --captions candidates.txt
-    python retrieve.py --ckpt out/caption/best.pth --ann data/embedded/test.json   # evaluate a split
+    python retrieve.py --ckpt out/retrieval/best.pth --video some/folder --text "a red circle moves up"
+    python retrieve.py --ckpt out/retrieval/best.pth --video x.mp4 --captions candidates.txt
+    python retrieve.py --ckpt out/retrieval/best.pth --ann data/embedded/test.json   # evaluate a split
 
 A folder's clip features are stored (--features, keyed by each file's size and modification
 time and by the checkpoint), so a second query over it decodes nothing for ITC; re-ranking

@@ -284,8 +284,8 @@ class CaptionAndRetrieval(nn.Module):
                 video_tokens=None, audio_tokens=None):
         net = self.net
         memory, memory_mask = net.memory(*net.encode(video, audio, video_tokens, audio_tokens), video_mask, audio_mask)
-        cache, queries = net.Qformer.read_memory(net.query_tokens, memory, memory_mask, outputs=True)
-        logits, _ = net.Qformer.decode_text(captions, cache, caption_mask)
+        query_kv, queries = net.Qformer.read_memory(net.query_tokens, memory, memory_mask, outputs=True)
+        logits, _ = net.Qformer.decode_text(captions, query_kv, caption_mask)
         lm = losses.next_token_loss(logits, captions, caption_mask, net.cfg.label_smoothing)
         with torch.no_grad():
             net.temp.clamp_(0.001, 0.5)  # as LAVIS
