@@ -68,25 +68,16 @@ def labels_of(record, field):
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
-@torch.no_grad()
 def split_features(net, dataset, args, ctx):
     """The readable clips' pooled query features (N, C) and unit-length clip features (N, Q, E),
-    and their records."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=data.collate,
-                                         num_workers=T.loader_workers(args, False, args.device))
-    pooled, clip, records = [], [], []
-    for batch in T.progress(loader, "features"):
-        if not batch["ids"]:
-            continue
-        with ctx:
-            memory, memory_mask = retrieve.batch_memory(net, batch, args.device, False)
-            _, queries = net.Qformer.read_memory(net.query_tokens, memory, memory_mask, outputs=True)
-        pooled.append(queries.mean(dim=1).float().cpu())
-        clip.append(net.clip_features(queries).float().cpu())
-        records += batch["records"]
+    and their records (retrieve.gallery)."""
+    clip, pooled, _, records, skipped = retrieve.gallery(net, dataset, args.device, ctx, args.batch_size, False,
+                                                         T.loader_workers(args, False, args.device), desc="features")
+    for path, reason in skipped:
+        print(f"skipped, unreadable: {path}: {reason}", file=sys.stderr)
     if not records:
         raise data.UnreadableClips("no readable clip to classify")
-    return torch.cat(pooled), torch.cat(clip), records
+    return pooled, clip, records
 
 
 def one_hot(records, field, classes):

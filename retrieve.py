@@ -50,12 +50,12 @@ def text_ids(tokenizer, texts, max_len=EVAL_TEXT_LEN):
 @torch.no_grad()
 def gallery(net, dataset, device, ctx, batch_size, cached, num_workers=0, desc=None):
     """Every readable item of `dataset` (one per clip, in data.collate's format) through encode
-    -> memory -> the query pass. Returns (clip features (N, Q, E) float32 on the CPU, the
-    dataset index of each, the collated "records" of each, the unreadable ones' (path,
-    reason)). desc: a progress bar's label (None: no bar)."""
+    -> memory -> the query pass. Returns (clip features (N, Q, E), pooled query outputs (N, C),
+    both float32 on the CPU; the dataset index of each; the collated "records" of each; the
+    unreadable ones' (path, reason)). desc: a progress bar's label (None: no bar)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=_collate_saying_which)
-    feats, items, records, skipped = [], [], [], []
+    feats, pooled, items, records, skipped = [], [], [], [], []
     for b, (batch, readable) in enumerate(T.progress(loader, desc) if desc else loader):
         start = b * batch_size
         skipped += batch["skipped"]
@@ -65,9 +65,11 @@ def gallery(net, dataset, device, ctx, batch_size, cached, num_workers=0, desc=N
             memory, memory_mask = batch_memory(net, batch, device, cached)
             _, queries = net.Qformer.read_memory(net.query_tokens, memory, memory_mask, outputs=True)
             feats.append(net.clip_features(queries).float().cpu())
+            pooled.append(queries.mean(dim=1).float().cpu())
         items += [start + j for j, ok in enumerate(readable) if ok]
         records += batch["records"]
-    return (torch.cat(feats) if feats else torch.empty(0)), items, records, skipped
+    cat = lambda xs: torch.cat(xs) if xs else torch.empty(0)
+    return cat(feats), cat(pooled), items, records, skipped
 
 
 def memory_reader(net, dataset, device, ctx, cached):
@@ -150,7 +152,7 @@ def evaluate(net, dataset, references, tokenizer, device, ctx, batch_size, cache
     candidates there are)."""
     was_training = net.training
     net.eval()
-    clip_feats, items, records, skipped = gallery(net, dataset, device, ctx, batch_size, cached, num_workers)
+    clip_feats, _, items, records, skipped = gallery(net, dataset, device, ctx, batch_size, cached, num_workers)
     read = memory_reader(net, dataset, device, ctx, cached)
     memory_of = lambda rows: read([items[r] for r in rows])  # gallery rows -> dataset items
     texts = sorted({c for r in records for c in references[r["id"]]})
@@ -231,7 +233,7 @@ def stored_features(net, files, args, ctx):
     skipped = []
     if todo:
         dataset = sample.VideoFiles(todo, data.MediaConfig.from_model(net.cfg))
-        feats, items, _, skipped = gallery(net, dataset, args.device, ctx, args.batch_size, False,
+        feats, _, items, _, skipped = gallery(net, dataset, args.device, ctx, args.batch_size, False,
                                            args.num_workers if len(todo) > 1 else 0, desc="clip features")
         for name, reason in skipped:
             print(f"error: {name}: {reason}", file=sys.stderr)
