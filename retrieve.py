@@ -262,6 +262,12 @@ def main(argv=None):
     args = get_args(argv)
     args.device = T.setup_device(args.device)
     ctx = torch.autocast(args.device.type, enabled=False)
+    texts = args.text
+    if args.captions is not None:  # read before any model or video: a bad file stops the run at once
+        with open(args.captions) as f:
+            texts = [line.strip() for line in f if line.strip()]
+        if not texts:
+            raise data.DataError(f"{args.captions}: no captions in it")
     net, tokenizer = sample.load_captioner(args)
     if args.ann is not None:
         data_dir = args.data_dir or os.path.dirname(os.path.abspath(args.ann))
@@ -280,13 +286,6 @@ def main(argv=None):
     if not rows:
         raise data.UnreadableClips("no readable video to rank among " + " ".join(args.video))
     videos = [files[i] for i in rows]
-    if args.text is not None:
-        texts = args.text
-    else:
-        with open(args.captions) as f:
-            texts = [line.strip() for line in f if line.strip()]
-        if not texts:
-            raise data.DataError(f"{args.captions}: no captions in it")
     sim = itc_similarity(text_features(net, tokenizer, texts, args.device, ctx), feats)  # (T, N)
     t2c, c2t = sim, sim.t()
     if args.rerank_k > 0:
