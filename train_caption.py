@@ -40,6 +40,7 @@ tokenizer), last.pth (resumable), metrics.jsonl (log), metrics.json (final test 
 """
 
 import argparse
+import filecmp
 import hashlib
 import json
 import os
@@ -55,6 +56,7 @@ import metrics
 import model as M
 import pretrained as P
 import retrieve
+import sample
 import train_align
 import training as T
 
@@ -140,6 +142,10 @@ def get_args(argv=None):
     p.add_argument("--itm-weight", type=float, default=0.0,
                    help="weight of BLIP-2's clip-text matching loss (ITM), on hard negatives drawn from the ITC "
                         "similarities of the global batch (default 0)")
+    p.add_argument("--init-from", default=None,
+                   help="a stage-2 checkpoint (best.pth, or the authors' checkpoint_N.pth with --bert) whose weights "
+                        "and vocabulary start this run instead of BERT's / BLIP-2's: how retrieval is trained on top "
+                        "of a captioner (README, Retrieval and classification)")
     p.add_argument("--rerank-k", type=int, default=16,
                    help="with retrieval trained, evaluation re-ranks each query's top k candidates by ITM")
     p.add_argument("--out-dir", default="out/caption", help="checkpoints and metrics")
@@ -172,6 +178,8 @@ def build_tokenizer(args, train_records, out_dir, resumed=None):
     else a WordPiece vocabulary trained on the training captions, saved beside the checkpoint."""
     if resumed is not None:
         return data.Tokenizer.from_string(resumed["tokenizer"])
+    if args.init_from and "tokenizer" in (start := T.load_checkpoint(args.init_from)):
+        return data.Tokenizer.from_string(start["tokenizer"])  # its weights number the pieces this way
     if args.bert:
         return data.Tokenizer.from_bert(args.bert)
     path = os.path.join(out_dir, "tokenizer.json")
@@ -386,7 +394,22 @@ def run_identity(args, sources):
                              for k, v in sources.items()}}
     if args.itc_weight > 0 or args.itm_weight > 0:
         identity["retrieval"] = {"itc_weight": args.itc_weight, "itm_weight": args.itm_weight}
+    if args.init_from:
+        identity["init_from"] = os.path.abspath(args.init_from)
     return identity
+
+
+def check_init_encoders(path, sources):
+    """A checkpoint for --init-from learnt to read the outputs of particular frozen encoders:
+    refuse to go on from it with others (same bytes, wherever they lie, are the same)."""
+    ckpt = T.load_checkpoint(path)
+    for name, theirs in (ckpt.get("encoders") or {}).items():
+        theirs, ours = sample.encoder_path(theirs, path), sources.get(name)
+        same = ours == theirs or (ours and os.path.isfile(ours) and os.path.isfile(theirs)
+                                  and filecmp.cmp(ours, theirs, shallow=False))
+        if not same:
+            raise data.DataError(f"--init-from {path} was trained on the {name} encoder {theirs}, and this run "
+                                 f"reads {ours}: give the encoders it was trained on (--{name}-encoder, --align-dir)")
 
 
 def check_resume(path, resumed, args):
@@ -501,6 +524,9 @@ def main(argv=None):
         check_same_run(args.resume, resumed, args, cfg, given)
     net = M.UniQ4Cap(cfg, encoders=False)  # the towers are built only if this run calls them
     P.load_pretrained(net, bert=args.bert, blip2=args.blip2, query_noise=args.query_noise)
+    if args.init_from and resumed is None:
+        check_init_encoders(args.init_from, given)
+        P.load_pretrained(net, stage2=args.init_from)
     net.to(device)
     sets = towers_or_cache(net, sets, args, encoders, given, device, dtype, ctx, ddp, rank, world)
     args.num_workers = T.loader_workers(args, args.cache_features, device)  # training's and evaluation's loaders
