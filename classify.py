@@ -15,6 +15,7 @@ memory the queries read, so one trained model gives the video-only, audio-only a
 
     python classify.py --ckpt out/retrieval/best.pth --label attributes.colour --label attributes.background --probe
     python classify.py --ckpt out/retrieval/best.pth --label attributes.colour --zero-shot
+    python classify.py --ckpt out/retrieval/best.pth --label attributes.colour --probe --random-qformer  # the floor
 
 Fine-tuning the Q-Former with a classification head is not here yet.
 """
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import model as M
 import retrieve
 import sample
 import training as T
@@ -46,6 +48,9 @@ def get_args(argv=None):
                    help="zero-shot prompt templates, '{}' standing for the class name (default: %(default)s)")
     p.add_argument("--modalities", default="video+audio", choices=["video+audio", "video", "audio"],
                    help="the memory the queries read")
+    p.add_argument("--random-qformer", action="store_true",
+                   help="the floor: the checkpoint's frozen encoders under a Q-Former side (queries, projections, "
+                        "heads) as initialised and never trained")
     p.add_argument("--out", default=None, help="the results as JSON (default: printed)")
     p.add_argument("--batch-size", type=int, default=32, help="clips encoded together")
     sample.add_checkpoint_args(p)
@@ -66,6 +71,15 @@ def labels_of(record, field):
             raise data.DataError(f"record {record.get('id')!r} has no label field '{field}'")
         value = value[part]
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def untrained_reader(net, seed=0):
+    """`net`'s frozen towers under everything else freshly initialised (seed `seed`): what the
+    features of a clip are worth before any stage-2 training, the floor a probe must beat."""
+    torch.manual_seed(seed)
+    fresh = M.UniQ4Cap(net.cfg, encoders=False)
+    fresh.video_encoder, fresh.audio_encoder = net.video_encoder, net.audio_encoder
+    return fresh.eval().to(next(net.parameters()).device)
 
 
 def split_features(net, dataset, args, ctx):
@@ -155,6 +169,8 @@ def main(argv=None):
     ctx = torch.autocast(args.device.type, enabled=False)
     data_dir, anns = T.resolve_data_paths(args)
     net, tokenizer = sample.load_captioner(args)
+    if args.random_qformer:
+        net = untrained_reader(net)
     media = data.MediaConfig.from_model(net.cfg)
     splits = ("train", "val", "test") if args.probe else ("test",)
     feats = {}
@@ -162,7 +178,7 @@ def main(argv=None):
         field, _ = data.caption_field_for(anns[split], args.caption_field)
         ds = data.AVCaptionDataset(anns[split], data_dir, media, field, modalities=args.modalities, by_clip=True)
         feats[split] = split_features(net, ds, args, ctx)
-    out = {"modalities": args.modalities}
+    out = {"modalities": args.modalities, "q-former": "untrained (--random-qformer)" if args.random_qformer else "trained"}
     for field in args.label:
         classes = sorted({label for split in splits for r in feats[split][2] for label in labels_of(r, field)})
         targets = {split: one_hot(feats[split][2], field, classes) for split in splits}

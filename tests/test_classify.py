@@ -10,6 +10,7 @@ import torch
 import classify
 import data
 import model as M
+import pretrained as P
 import train_caption
 
 
@@ -72,3 +73,19 @@ def test_a_missing_label_field_is_a_clear_error(setup):
     with pytest.raises(data.DataError, match="no label field 'attributes.size'"):
         classify.main(["--ckpt", str(setup / "best.pth"), "--data-dir", str(setup / "clips"), "--label",
                        "attributes.size", "--zero-shot", "--num-workers", "0", "--device", "cpu"])
+
+
+def test_the_floor_keeps_the_checkpoints_encoders_under_an_untrained_q_former():
+    """--random-qformer: the same frozen towers, every stage-2 weight as a fresh model has it."""
+    tok = data.Tokenizer.train(["a red circle", "a blue cross"], 200)
+    cfg = tok.configure(M.tiny_config())
+    trained = M.UniQ4Cap(cfg).eval()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)  # stands for training
+    floor = classify.untrained_reader(trained)
+    assert floor.video_encoder is trained.video_encoder and floor.audio_encoder is trained.audio_encoder
+    torch.manual_seed(0)
+    fresh = M.UniQ4Cap(cfg, encoders=False)
+    fresh_sd, floor_sd = P.stage2_state_dict(fresh), P.stage2_state_dict(floor)
+    assert fresh_sd.keys() == floor_sd.keys() and all(torch.equal(fresh_sd[k], floor_sd[k]) for k in fresh_sd)

@@ -17,6 +17,7 @@ import torch
 import data
 import metrics
 import model as M
+import pretrained as P
 import sample
 import train_align
 import train_caption
@@ -195,6 +196,27 @@ def test_resume_refuses_what_would_train_something_else(clips, trained, tmp_path
     code, err = run_script(train_caption.main, argv, capsys)
     assert code == 2 and "Traceback" not in err
     assert says in err.strip().splitlines()[-1]
+
+
+def test_retrieval_trains_on_top_of_a_captioner_from_its_weights_and_encoders(clips, trained, tmp_path, monkeypatch,
+                                                                            capsys):
+    """--init-from starts a run (here caption + ITC + ITM) from a stage-2 checkpoint's weights
+    and vocabulary, and refuses to go on with frozen encoders other than the ones it read."""
+    out, best = trained
+    start = {}
+    real = T.make_optimizer
+    monkeypatch.setattr(T, "make_optimizer", lambda net, *a, **k: start.update(
+        {k: t.clone() for k, t in P.stage2_state_dict(net).items()}) or real(net, *a, **k))
+    encoders = ["--video-encoder", os.path.join(out, "video.pth"), "--audio-encoder", os.path.join(out, "audio.pth")]
+    argv = common(clips, str(tmp_path / "retrieval"), 1) + ["--eval-max", "2", "--no-cache-features", "--init-from",
+                                                            best, "--itc-weight", "1", "--itm-weight", "1"]
+    train_caption.main(argv + encoders)
+    ckpt = torch.load(best, weights_only=True)
+    assert start.keys() == ckpt["model"].keys()
+    assert all(torch.equal(start[k], ckpt["model"][k]) for k in start)
+    assert torch.load(tmp_path / "retrieval" / "best.pth", weights_only=True)["tokenizer"] == ckpt["tokenizer"]
+    code, err = run_script(train_caption.main, argv + ["--no-align"], capsys)  # this run's own random encoders
+    assert code == 2 and "was trained on the video encoder" in err.strip().splitlines()[-1]
 
 
 def test_train_save_and_caption_a_video(clips, trained, tmp_path):
