@@ -6,7 +6,10 @@
                for a class is 100 x the cosine of its best query with it;
   --probe      a linear probe: logistic regression on the pooled query feature (the mean of the
                queries' final outputs), one head per label, its L2 weight chosen on the
-               validation split from a grid, reported on the test split.
+               validation split from a grid, reported on the test split;
+  --finetune   the Q-Former side (memory projections, queries, Q-Former) and a linear head on
+               the pooled query feature, trained together on the training split from the
+               frozen towers' outputs (computed once), the epoch chosen on validation.
 
 Labels come from a field of the annotation records: a string is one label (reported as top-1
 and top-5 accuracy), a list of strings several (reported as mAP, as for AudioSet); a dotted
@@ -16,16 +19,17 @@ memory the queries read, so one trained model gives the video-only, audio-only a
     python classify.py --ckpt out/retrieval/best.pth --label attributes.colour --label attributes.background --probe
     python classify.py --ckpt out/retrieval/best.pth --label attributes.colour --zero-shot
     python classify.py --ckpt out/retrieval/best.pth --label attributes.colour --probe --random-qformer  # the floor
-
-Fine-tuning the Q-Former with a classification head is not here yet.
+    python classify.py --ckpt out/retrieval/best.pth --label attributes.background --finetune
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import data
@@ -48,6 +52,11 @@ def get_args(argv=None):
                    help="zero-shot prompt templates, '{}' standing for the class name (default: %(default)s)")
     p.add_argument("--modalities", default="video+audio", choices=["video+audio", "video", "audio"],
                    help="the memory the queries read")
+    p.add_argument("--finetune", action="store_true",
+                   help="fine-tune the Q-Former side with a linear head, one model per --label")
+    p.add_argument("--finetune-epochs", type=int, default=10, help="epochs of --finetune (the best on val is reported)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="AdamW learning rate of --finetune")
+    p.add_argument("--seed", type=int, default=0, help="seed of --finetune's head and batch order")
     p.add_argument("--random-qformer", action="store_true",
                    help="the floor: the checkpoint's frozen encoders under a Q-Former side (queries, projections, "
                         "heads) as initialised and never trained")
@@ -56,8 +65,10 @@ def get_args(argv=None):
     sample.add_checkpoint_args(p)
     T.add_data_args(p)
     args = p.parse_args(argv)
-    if not (args.zero_shot or args.probe):
-        p.error("give --zero-shot, --probe or both")
+    if not (args.zero_shot or args.probe or args.finetune):
+        p.error("give --zero-shot, --probe, --finetune, or several")
+    if args.finetune_epochs < 1:
+        p.error("--finetune-epochs must be at least 1")
     if any("{}" not in t for t in args.templates):
         p.error("every --templates entry needs '{}' where the class name goes")
     return args
@@ -163,6 +174,92 @@ def linear_probe(train, val, test, epochs=200):
     return {"l2": best[1], **best[2]}
 
 
+@torch.no_grad()
+def tower_outputs(net, dataset, args, ctx):
+    """The frozen towers' outputs of every readable clip, computed once and held in memory
+    (fp16) for fine-tuning to read every epoch: ({"video_tokens", "audio_tokens", "video_mask",
+    "audio_mask"}: (N, ...) tensors or None, records)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=data.collate,
+                                         num_workers=T.loader_workers(args, False, args.device))
+    parts, records = [], []
+    for batch in T.progress(loader, "tower outputs"):
+        for path, reason in batch["skipped"]:
+            print(f"skipped, unreadable: {path}: {reason}", file=sys.stderr)
+        if not batch["ids"]:
+            continue
+        inputs = T.model_inputs(batch, args.device, False)
+        with ctx:
+            video, audio = net.encode(inputs["video"], inputs["audio"])
+        parts.append({"video_tokens": video, "audio_tokens": audio,
+                      "video_mask": inputs["video_mask"], "audio_mask": inputs["audio_mask"]})
+        records += batch["records"]
+    if not records:
+        raise data.UnreadableClips("no readable clip to fine-tune on")
+    return {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts]).cpu()
+            .to(torch.float16 if parts[0][k].is_floating_point() else parts[0][k].dtype)
+            for k in parts[0]}, records
+
+
+class QueryClassifier(nn.Module):
+    """4c, fine-tuning: a stage-2 checkpoint's Q-Former side (memory projections, queries,
+    Q-Former) and a linear head on the mean of the queries' final outputs, trained together.
+    It reads the frozen towers' outputs (tower_outputs), not pixels."""
+
+    def __init__(self, net, classes):
+        super().__init__()
+        self.net = net
+        self.head = nn.Linear(net.cfg.qformer.hidden, classes)
+
+    def forward(self, video_tokens=None, audio_tokens=None, video_mask=None, audio_mask=None):
+        memory, memory_mask = self.net.memory(video_tokens, audio_tokens, video_mask, audio_mask)
+        _, queries = self.net.Qformer.read_memory(self.net.query_tokens, memory, memory_mask, outputs=True)
+        return self.head(queries.mean(dim=1))  # (B, classes)
+
+
+def finetune(net, towers, targets, args):
+    """Fine-tune a copy of `net`'s Q-Former side with a head on one label field: AdamW at
+    --finetune-lr, --finetune-epochs epochs over the training split in batches of
+    --batch-size, cross-entropy (binary per class for several labels). The epoch with the best
+    validation score is reported on the test split. towers, targets: {split: tower_outputs'
+    tensors}, {split: (N, K) targets}."""
+    multi_label = bool((targets["train"].sum(dim=1) > 1).any())
+    torch.manual_seed(args.seed)
+    towers_of_net = net.video_encoder, net.audio_encoder
+    net.drop_encoders()  # not copied: the copy reads their outputs
+    reader = copy.deepcopy(net)
+    net.video_encoder, net.audio_encoder = towers_of_net
+    for p in reader.parameters():
+        p.requires_grad_(True)  # the parts no classification reads (the text's) get no gradient and stay
+    model = QueryClassifier(reader, targets["train"].size(1)).to(args.device)
+    optimizer = T.make_optimizer(model, args.finetune_lr, 0.05, device_type=args.device.type)
+
+    def batches(split, order):
+        for i in range(0, len(order), args.batch_size):
+            idx = order[i:i + args.batch_size]
+            yield ({k: None if t is None else (t[idx].float() if t.is_floating_point() else t[idx]).to(args.device)
+                    for k, t in towers[split].items()}, targets[split][idx].to(args.device))
+
+    @torch.no_grad()
+    def evaluate(split):
+        model.eval()
+        logits = torch.cat([model(**x).float().cpu() for x, _ in batches(split, torch.arange(len(targets[split])))])
+        model.train()
+        return scores(logits, targets[split], multi_label)
+
+    best = None
+    for epoch in T.progress(range(1, args.finetune_epochs + 1), "fine-tune"):
+        for x, y in batches("train", torch.randperm(len(targets["train"]))):
+            logits = model(**x).float()
+            loss = F.binary_cross_entropy_with_logits(logits, y) if multi_label else F.cross_entropy(logits, y.argmax(1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        val = evaluate("val")
+        if best is None or next(iter(val.values())) > best[0]:
+            best = (next(iter(val.values())), epoch, evaluate("test"))
+    return {"epoch": best[1], **best[2]}
+
+
 def main(argv=None):
     args = get_args(argv)
     args.device = T.setup_device(args.device)
@@ -172,12 +269,17 @@ def main(argv=None):
     if args.random_qformer:
         net = untrained_reader(net)
     media = data.MediaConfig.from_model(net.cfg)
-    splits = ("train", "val", "test") if args.probe else ("test",)
-    feats = {}
+    splits = ("train", "val", "test") if args.probe or args.finetune else ("test",)
+    feats, towers = {}, {}
     for split in splits:
         field, _ = data.caption_field_for(anns[split], args.caption_field)
         ds = data.AVCaptionDataset(anns[split], data_dir, media, field, modalities=args.modalities, by_clip=True)
-        feats[split] = split_features(net, ds, args, ctx)
+        if args.finetune:
+            towers[split] = tower_outputs(net, ds, args, ctx)
+        if args.probe or args.zero_shot:
+            feats[split] = split_features(net, ds, args, ctx)
+        else:
+            feats[split] = None, None, towers[split][1]
     out = {"modalities": args.modalities, "q-former": "untrained (--random-qformer)" if args.random_qformer else "trained"}
     for field in args.label:
         classes = sorted({label for split in splits for r in feats[split][2] for label in labels_of(r, field)})
@@ -189,6 +291,9 @@ def main(argv=None):
             result["zero-shot"] = scores(logits, targets["test"], multi_label)
         if args.probe:
             result["probe"] = linear_probe(*((feats[s][0], targets[s]) for s in splits))
+        if args.finetune:
+            tuned = {s: one_hot(towers[s][1], field, classes) for s in splits}
+            result["fine-tune"] = finetune(net, {s: towers[s][0] for s in splits}, tuned, args)
         out[field] = result
     print(json.dumps(out, indent=2), file=sys.stdout if args.out is None else sys.stderr)
     if args.out is not None:

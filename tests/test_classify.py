@@ -3,6 +3,7 @@ separable and picks its L2 weight on validation, mAP and top-k are the usual one
 command runs on real files for single labels, zero-shot and probe."""
 
 import json
+import types
 
 import pytest
 import torch
@@ -55,18 +56,19 @@ def setup(tmp_path_factory):
 
 
 @pytest.mark.parametrize("modalities", ["video+audio", "audio"])
-def test_the_command_classifies_real_files_zero_shot_and_by_probe(setup, modalities):
+def test_the_command_classifies_real_files_zero_shot_by_probe_and_fine_tuned(setup, modalities):
     out_path = setup / f"classify-{modalities}.json"
     assert classify.main(["--ckpt", str(setup / "best.pth"), "--data-dir", str(setup / "clips"), "--label",
-                          "attributes.colour", "--zero-shot", "--probe", "--modalities", modalities,
+                          "attributes.colour", "--zero-shot", "--probe", "--finetune", "--finetune-epochs", "2",
+                          "--modalities", modalities,
                           "--num-workers", "0", "--device", "cpu", "--out", str(out_path)]) == 0
     with open(out_path) as f:
         out = json.load(f)
     colour = out["attributes.colour"]
     assert out["modalities"] == modalities and 1 <= colour["classes"] <= 4
-    for method in ("zero-shot", "probe"):
+    for method in ("zero-shot", "probe", "fine-tune"):
         assert 0.0 <= colour[method]["top-1"] <= colour[method]["top-5"] <= 1.0
-    assert colour["probe"]["l2"] in classify.L2_GRID
+    assert colour["probe"]["l2"] in classify.L2_GRID and colour["fine-tune"]["epoch"] in (1, 2)
 
 
 def test_a_missing_label_field_is_a_clear_error(setup):
@@ -89,3 +91,25 @@ def test_the_floor_keeps_the_checkpoints_encoders_under_an_untrained_q_former():
     fresh = M.UniQ4Cap(cfg, encoders=False)
     fresh_sd, floor_sd = P.stage2_state_dict(fresh), P.stage2_state_dict(floor)
     assert fresh_sd.keys() == floor_sd.keys() and all(torch.equal(fresh_sd[k], floor_sd[k]) for k in fresh_sd)
+
+
+def test_fine_tuning_trains_a_copy_and_leaves_the_checkpoints_model_as_it_was():
+    tok = data.Tokenizer.train(["a red circle", "a blue cross"], 200)
+    cfg = tok.configure(M.tiny_config())
+    torch.manual_seed(0)
+    net = M.UniQ4Cap(cfg).eval()
+    before = {k: t.clone() for k, t in net.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    N = 8
+    towers = {"video_tokens": torch.randn(N, cfg.video.num_frames * cfg.video.tokens_per_frame, cfg.video.width,
+                                          generator=g).half(),
+              "audio_tokens": torch.randn(N, cfg.audio.tokens_per_frame, cfg.audio.width, generator=g).half(),
+              "video_mask": None, "audio_mask": None}
+    targets = torch.eye(2)[torch.arange(N) % 2]
+    args = types.SimpleNamespace(seed=0, finetune_lr=1e-3, finetune_epochs=2, batch_size=4, device=torch.device("cpu"))
+    out = classify.finetune(net, dict.fromkeys(("train", "val", "test"), towers), dict.fromkeys(("train", "val", "test"),
+                                                                                                targets), args)
+    assert out["epoch"] in (1, 2) and 0.0 <= out["top-1"] <= 1.0
+    assert net.video_encoder is not None and net.audio_encoder is not None
+    after = net.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
