@@ -317,10 +317,14 @@ def load_stage2(model: UniQ4Cap, path):
     """The authors' stage-2 `checkpoint_N.pth` ({"model", "optimizer", "config", "scaler",
     "epoch"}, "config" being their run configuration), or one written by train_caption.py
     (the same "model", plus our config and tokenizer)."""
-    ckpt = read_state_dict(path)
+    return map_stage2(model, stage2_model(read_state_dict(path), path), path)
+
+
+def stage2_model(ckpt, path):
+    """The "model" state dict of a stage-2 checkpoint already read from `path`."""
     if "model" not in ckpt:
         raise CheckpointError(f"{path}: no 'model' entry: not a stage-2 checkpoint")
-    return map_stage2(model, ckpt["model"], path)
+    return ckpt["model"]
 
 
 # Where a name that is not a local path is looked up. The Hugging Face repos resolve through

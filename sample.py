@@ -90,8 +90,7 @@ def load_captioner(args):
     but that is their run configuration, so the tokenizer, which only ours hold, tells the
     two apart. The authors' need --preset, --bert and the encoder flags."""
     ckpt = P.read_state_dict(args.ckpt)
-    if "model" not in ckpt:
-        raise P.CheckpointError(f"{args.ckpt}: no 'model' entry: not a stage-2 checkpoint")
+    model_sd = P.stage2_model(ckpt, args.ckpt)
     if "tokenizer" in ckpt:
         cfg = M.config_from_dict(ckpt["config"])
         tokenizer = data.Tokenizer.from_string(ckpt["tokenizer"])
@@ -111,7 +110,7 @@ def load_captioner(args):
                                 f"give {' and '.join(f'--{k}-encoder' for k in missing)}")
     net = M.UniQ4Cap(cfg)
     P.load_pretrained(net, video=encoders["video"], audio=encoders["audio"])
-    P.map_stage2(net, ckpt["model"], args.ckpt)  # the file is already read: map it directly
+    P.map_stage2(net, model_sd, args.ckpt)  # the file is already read: map it directly
     return net.eval().to(args.device), tokenizer
 
 

@@ -155,6 +155,8 @@ def get_args(argv=None):
                                                                         "frozen_patch_dropout")})
     args = p.parse_args(argv)
     T.check_decoding_args(p, args)
+    if args.init_from and not os.path.isfile(args.init_from):  # before stage 1 or any data, not after
+        p.error(f"--init-from: no checkpoint file at {args.init_from}")
     args.recipe_given = [d for d in RECIPE if getattr(args, d) is not None]
     args.recipe_reasons = dict(TINY_REASONS) if args.preset == "tiny" else {}
     T.fill_preset_defaults(args, RECIPE)
@@ -172,14 +174,14 @@ def get_args(argv=None):
     return args
 
 
-def build_tokenizer(args, train_records, out_dir, resumed=None):
+def build_tokenizer(args, train_records, out_dir, resumed=None, start=None):
     """The vocabulary of the checkpoint being resumed, if any (a WordPiece vocabulary trained
     again could number its pieces differently); else bert-base-cased's when --bert names it;
     else a WordPiece vocabulary trained on the training captions, saved beside the checkpoint."""
     if resumed is not None:
         return data.Tokenizer.from_string(resumed["tokenizer"])
-    if args.init_from and "tokenizer" in (start := T.load_checkpoint(args.init_from)):
-        return data.Tokenizer.from_string(start["tokenizer"])  # its weights number the pieces this way
+    if start is not None and "tokenizer" in start:  # --init-from's checkpoint: its weights number the pieces so
+        return data.Tokenizer.from_string(start["tokenizer"])
     if args.bert:
         return data.Tokenizer.from_bert(args.bert)
     path = os.path.join(out_dir, "tokenizer.json")
@@ -399,10 +401,10 @@ def run_identity(args, sources):
     return identity
 
 
-def check_init_encoders(path, sources):
-    """A checkpoint for --init-from learnt to read the outputs of particular frozen encoders:
-    refuse to go on from it with others (same bytes, wherever they lie, are the same)."""
-    ckpt = T.load_checkpoint(path)
+def check_init_encoders(path, ckpt, sources):
+    """A checkpoint for --init-from (`ckpt`, read from `path`) learnt to read the outputs of
+    particular frozen encoders: refuse to go on from it with others (same bytes, wherever they
+    lie, are the same)."""
     for name, theirs in (ckpt.get("encoders") or {}).items():
         theirs, ours = sample.encoder_path(theirs, path), sources.get(name)
         same = ours == theirs or (ours and os.path.isfile(ours) and os.path.isfile(theirs)
@@ -505,7 +507,8 @@ def main(argv=None):
     resumed = T.load_checkpoint(args.resume) if args.resume else None
     if resumed is not None:
         check_resume(args.resume, resumed, args)
-    tokenizer = build_tokenizer(args, train_records, args.out_dir, resumed)
+    start = P.read_state_dict(args.init_from) if args.init_from and resumed is None else None  # read once
+    tokenizer = build_tokenizer(args, train_records, args.out_dir, resumed, start)
     cfg = tokenizer.configure(M.PRESETS[args.preset]())
     cfg.frozen_patch_dropout = args.frozen_patch_dropout
     T.print0(f"recipe (--preset {args.preset}; full is the paper's):\n"
@@ -524,9 +527,9 @@ def main(argv=None):
         check_same_run(args.resume, resumed, args, cfg, given)
     net = M.UniQ4Cap(cfg, encoders=False)  # the towers are built only if this run calls them
     P.load_pretrained(net, bert=args.bert, blip2=args.blip2, query_noise=args.query_noise)
-    if args.init_from and resumed is None:
-        check_init_encoders(args.init_from, given)
-        P.load_pretrained(net, stage2=args.init_from)
+    if start is not None:
+        check_init_encoders(args.init_from, start, given)
+        P.map_stage2(net, P.stage2_model(start, args.init_from), args.init_from)
     net.to(device)
     sets = towers_or_cache(net, sets, args, encoders, given, device, dtype, ctx, ddp, rank, world)
     args.num_workers = T.loader_workers(args, args.cache_features, device)  # training's and evaluation's loaders
