@@ -63,15 +63,25 @@ def test_stage1_trains_the_same_from_its_input_cache_as_from_the_files(clips, tm
 
 def test_the_tiny_main_job_trains_stage1_first_and_reads_its_encoders(clips, tmp_path, monkeypatch, capsys):
     """`python train_caption.py` with no stage-1 encoders runs train_align.py's training
-    (same seed and data) into --align-dir, then captions from those frozen encoders."""
-    calls = []
+    (same seed and data) into --align-dir, then captions from those frozen encoders. The
+    chained stage 1 and `python train_align.py --seed S` are one path, not two: they end
+    with the same weights, bit for bit."""
+    calls, chained_losses = [], []
     real = train_align.main
-    monkeypatch.setattr(train_align, "main", lambda argv: calls.append(argv) or real(
-        argv + ["--max-steps", "2", "--batch-size", "4", "--eval-max", "4", "--warmup-steps", "1"]))
+    short = ["--max-steps", "3", "--batch-size", "4", "--eval-max", "4", "--warmup-steps", "1"]
+    monkeypatch.setattr(train_align, "main", lambda argv: calls.append(argv) or chained_losses.extend(
+        real(argv + short)))
     align = str(tmp_path / "align")
     train_caption.main(common(clips, str(tmp_path / "caption"), 2)
                        + ["--eval-max", "2", "--align-dir", align, "--cache-dir", str(tmp_path / "cache"), "--seed", "3"])
     assert len(calls) == 1 and calls[0][calls[0].index("--seed") + 1] == "3"
+    alone = str(tmp_path / "alone")  # the stand-alone command a user would type, at the same seed
+    alone_losses = real(["--seed", "3", "--data-dir", clips, "--out-dir", alone,
+                         "--cache-dir", str(tmp_path / "cache-alone"), "--num-workers", "0"] + short)
+    assert len(chained_losses) == 3 and chained_losses == alone_losses
+    for name in ("video.pth", "audio.pth"):
+        a, b = T.load_checkpoint(os.path.join(align, name)), T.load_checkpoint(os.path.join(alone, name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     out = capsys.readouterr().out
     assert f"no stage-1 encoders in {align}: training stage 1 first" in out
     assert json.load(open(tmp_path / "caption" / "metrics.json"))["encoders"] == {
@@ -395,7 +405,7 @@ def test_full_preset_defaults_to_the_papers_recipe_and_tiny_keeps_its_own(capsys
     assert (tiny.lr, tiny.warmup_lr, tiny.warmup_steps, tiny.min_lr, tiny.clip) == (1e-3, 1e-5, 50, 1e-4, 1.0)
     assert tiny.modality_dropout == 0.3 and tiny.cache_features and not tiny.frozen_patch_dropout
     lines = T.describe_recipe(tiny, train_caption.RECIPE, tiny.recipe_given, tiny.recipe_reasons)
-    assert any("--modality-dropout 0.3" in l and "ignores the frames" in l for l in lines)  # printed with its reason
+    assert any("--modality-dropout 0.3" in l and "ignore the other" in l for l in lines)  # printed with its reason
     assert any("--frozen-patch-dropout off" in l and "one view" in l for l in lines)
     # true whatever the number of processes (torchrun included): the size is per process
     assert any(l.startswith("  --batch-size 32  (full: 16;") and "per process" in l and "one process" not in l
@@ -404,6 +414,25 @@ def test_full_preset_defaults_to_the_papers_recipe_and_tiny_keeps_its_own(capsys
         train_caption.get_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "(default: full 0.0002, tiny 0.001)" in help_text and "(default: full 0, tiny 0.3)" in help_text
+
+
+def test_modality_dropout_hides_the_audio_and_the_video_equally_often_and_never_both(capsys):
+    """Each modality is the only one a clip shows for a share p of the clips, so neither can
+    carry the captions alone; a clip that already lacks its audio keeps its video."""
+    n, p = 6000, 0.3
+    audio = torch.ones(n, dtype=torch.bool)
+    audio[:1000] = False  # clips without sound
+    batch = {"ids": [f"clip{i}" for i in range(n)], "captions": ["a caption"] * n, "epoch": 0,
+             "video_mask": torch.ones(n, dtype=torch.bool), "audio_mask": audio.clone()}
+    hidden = train_caption.hide_modalities(batch, p, seed=42)
+    video, audio_now = hidden["video_mask"], hidden["audio_mask"]
+    assert (video | audio_now).all() and video[:1000].all()  # never both; the soundless keep their frames
+    with_sound = slice(1000, n)
+    assert abs((~audio_now[with_sound]).float().mean() - p) < 0.03
+    assert abs((~video[with_sound]).float().mean() - p) < 0.03
+    with pytest.raises(SystemExit) as e:  # 2p would pass 1: refused, not silently capped
+        train_caption.get_args(["--modality-dropout", "0.6"])
+    assert e.value.code == 2 and "[0, 0.5]" in capsys.readouterr().err
 
 
 def test_feature_cache_and_frozen_patch_dropout_exclude_each_other_visibly(capsys):
