@@ -36,6 +36,7 @@ Rows:
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -229,21 +230,19 @@ def bench_cache_read(cfg, batch, clips=64, workers=2):
             json.dump([{"id": f"clip{i:04d}", "caption": "a clip"} for i in range(clips)], f)
         ds = data.AVCaptionDataset(os.path.join(tmp, "ann.json"), tmp, data.MediaConfig.from_model(cfg))
         fc = cache.FeatureCache(os.path.join(tmp, "cache"), ds, cfg, fingerprint="bench")
-        fc.create()
-        a = fc.arrays()
+        writer = cache.ShardWriter(fc.dir, fc.shapes, clips)
         g = torch.Generator().manual_seed(0)
-        for name in fc.modalities:  # random features stand in for encoder outputs
-            for i in range(clips):
-                a[name][i] = torch.randn(a[name].shape[1:], generator=g).half().numpy()
-        a["state"][:] = cache.OK
-        for arr in a.values():
-            arr.flush()
-        fc.close()  # unmapped, so that evicting the pages below can take effect
+        for k in range(clips):  # random features stand in for encoder outputs
+            writer.put(k, fc.paths[k], cache.OK, cache.clip_identity(fc.media_path(k)),
+                       **{m: torch.randn(fc.shapes[m], generator=g).half().numpy() for m in fc.modalities})
+        writer.close()
+        shard = writer.dir
 
         def read_all(cold):
             if cold:  # evict the cache files from the page cache (they are clean after flush)
+                fc.close()  # unmapped, so that evicting the pages can take effect
                 for name in fc.modalities:
-                    fd = os.open(fc.path(name), os.O_RDONLY)
+                    fd = os.open(os.path.join(shard, f"{name}.npy"), os.O_RDONLY)
                     os.fsync(fd)
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                     os.close(fd)
@@ -256,7 +255,7 @@ def bench_cache_read(cfg, batch, clips=64, workers=2):
         for cold in (True, False):
             read_all(cold)  # warm-up (workers, imports)
             out["cold" if cold else "warm"] = statistics.median(read_all(cold) for _ in range(3))
-        per_clip = sum(a[name][0].nbytes for name in fc.modalities)
+        per_clip = sum(2 * math.prod(fc.shapes[name]) for name in fc.modalities)  # fp16
     return out, per_clip
 
 

@@ -26,6 +26,14 @@ stdout), with a progress bar on stderr. Rerunning with the same --out skips the 
 in it and appends the rest (--no-resume starts it afresh), so a stopped run loses at most one
 batch. With --decode sample the draws depend on the batch a clip lands in: --seed makes a
 run repeatable with the same files and --batch-size, not clip by clip.
+
+Under torchrun (one process per GPU, on one machine or several that share a filesystem) each
+rank captions every N-th file still to do and writes its lines to `<out>.rank<R>` as it goes;
+at the end rank 0 moves them into --out in the order of the file list, each file once. A
+rerun, with any number of ranks, first moves the lines a stopped run left in those files into
+--out, then captions the rest:
+
+    torchrun --nproc_per_node 8 sample.py --video folder/ --out captions.jsonl
 """
 
 import argparse
@@ -35,6 +43,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import data
@@ -223,36 +232,115 @@ def already_captioned(path):
     return done
 
 
+def rank_parts(out):
+    """The per-rank files of a run under torchrun that writes `out` (`<out>.rank<R>`), by rank."""
+    folder, name = os.path.split(os.path.abspath(out))
+    prefix = name + ".rank"
+    ranks = [f[len(prefix):] for f in os.listdir(folder) if f.startswith(prefix)]
+    return [os.path.join(folder, prefix + r) for r in sorted((r for r in ranks if r.isdigit()), key=int)]
+
+
+def gather_parts(out, files):
+    """Move the lines of every `<out>.rank<R>` into `out`, in the order of `files` and each
+    file once (lines `out` holds already are kept, not repeated), then delete the parts. A
+    part's last line cut off by a stopped rank is dropped: its clip is captioned again."""
+    done = already_captioned(out) if os.path.exists(out) else set()
+    parts = rank_parts(out)
+    found = {}
+    for part in parts:
+        already_captioned(part)  # drops a cut-off last line (a part holds nothing else)
+        with open(part) as f:
+            for line in f:
+                found.setdefault(json.loads(line)["video"], line)
+    position = {f: i for i, f in enumerate(files)}
+    new = sorted((v for v in found if v not in done), key=lambda v: position.get(v, len(position)))
+    with open(out, "a") as f:
+        f.writelines(found[v] for v in new)
+    for part in parts:
+        os.remove(part)
+    return len(new)
+
+
+def sum_over_ranks(n):
+    """n summed over the ranks (NCCL reduces GPU tensors only, gloo CPU ones)."""
+    t = torch.tensor([n], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def all_ranks_ok(ok, ddp):
+    """Whether every rank's `ok` is true (each rank's own answer when not under torchrun)."""
+    return ok if not ddp else sum_over_ranks(0 if ok else 1) == 0
+
+
 def main(argv=None):
     args = get_args(argv)
-    args.device = T.setup_device(args.device)
-    files, not_videos = list_videos(args.video)
+    ddp, rank, local_rank, world = T.setup_distributed(args.device)
+    try:
+        return caption_files(args, ddp, rank, local_rank, world)
+    finally:
+        T.cleanup_distributed(ddp)
+
+
+def caption_files(args, ddp, rank, local_rank, world):
+    args.device = T.setup_device(args.device, local_rank)
+    say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if rank == 0 else (lambda *a, **k: None)
+    if ddp and args.out is None:
+        say("error: under torchrun, give --out: the ranks write one JSON Lines file together")
+        return 2
+    files, not_videos = list_videos(args.video)  # every rank lists the same files, sorted
     for path, why in not_videos:
-        print(f"skipped, not readable as a video: {path}: {why}", file=sys.stderr)
+        say(f"skipped, not readable as a video: {path}: {why}")
     if not files:
-        print("error: no video files found in " + " ".join(args.video), file=sys.stderr)
+        say("error: no video files found in " + " ".join(args.video))
         return 2
     try:
         net, tokenizer = load_captioner(args)
+        error = None
     except (FileNotFoundError, KeyError, ValueError) as e:  # P.CheckpointError is both; one line, no traceback
-        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        error = f"error: cannot load the model: {e}"
+    if not all_ranks_ok(error is None, ddp):
+        say(error or "error: another rank could not load the model")
         return 2
     as_jsonl = len(files) > 1 or os.path.isdir(args.video[0]) or args.out is not None
     sink = contextlib.nullcontext(sys.stdout)
     if args.out is not None:
+        error = None
+        if rank == 0:  # before any rank reads --out: a stopped run's ranks' lines go into it
+            try:
+                if not args.resume:
+                    for part in rank_parts(args.out):
+                        os.remove(part)
+                elif rank_parts(args.out):
+                    moved = gather_parts(args.out, files)
+                    say(f"{args.out}: {moved} captions a stopped run's ranks had written moved into it")
+            except (OSError, ValueError) as e:
+                error = f"error: --out {args.out}: {getattr(e, 'strerror', None) or e}"
+        if ddp:
+            dist.barrier()
         try:
+            if error:
+                raise ValueError(error)
             done = already_captioned(args.out) if args.resume and os.path.exists(args.out) else set()
-            sink = open(args.out, "a" if done else "w")
+            if ddp:  # each rank its own file, gathered into --out at the end
+                sink = open(f"{args.out}.rank{rank}", "w")
+            else:
+                sink = open(args.out, "a" if done else "w")
         except (OSError, ValueError) as e:
-            print(f"error: --out {args.out}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            error = error or f"error: --out {args.out}: {getattr(e, 'strerror', None) or e}"
+        if not all_ranks_ok(error is None, ddp):
+            say(error or "error: another rank could not open its output")
             return 2
         if done:
             todo = [f for f in files if f not in done]
-            print(f"{args.out}: {len(files) - len(todo)} of {len(files)} files already captioned, "
-                  f"{len(todo)} to go (--no-resume starts afresh)", file=sys.stderr)
+            say(f"{args.out}: {len(files) - len(todo)} of {len(files)} files already captioned, "
+                f"{len(todo)} to go (--no-resume starts afresh)")
             files = todo
+    all_files = files
+    files = files[rank::world]  # a rank's share: every world-th file still to do
     failed = 0
-    bar = tqdm(total=len(files), unit="clip", disable=not as_jsonl, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=len(files), unit="clip", disable=not as_jsonl or rank != 0, dynamic_ncols=True,
+               file=sys.stderr, desc=f"rank 0 of {world}" if ddp else None)
     with bar, sink as out:
         for path, captions, has_audio, error in caption_batches(net, tokenizer, files, args):
             bar.update(1)
@@ -266,6 +354,11 @@ def main(argv=None):
                 if not has_audio:  # on stderr: stdout holds captions only
                     print(f"(no audio track in {path}: captioned from the video alone)", file=sys.stderr)
                 print("\n".join(captions))
+    if ddp:
+        dist.barrier()  # every rank's file is complete
+        if rank == 0:
+            gather_parts(args.out, all_files)
+        failed = sum_over_ranks(failed)
     return 1 if failed else 0
 
 

@@ -137,12 +137,56 @@ def test_an_interrupted_build_finishes_what_is_missing(clips, tmp_path):
     net, _, fc = setup(clips, tmp_path)
     build(net, fc)
     done = fc[4]["audio"].clone()
-    state = np.load(fc.path("state"), mmap_mode="r+")
-    state[[1, 4]] = cache.TODO  # as if the run had died before writing these rows
-    state.flush()
+    (shard,) = os.listdir(fc.dir)
+    rows = os.path.join(fc.dir, shard, "rows.jsonl")
+    with open(rows) as f:
+        lines = f.readlines()
+    with open(rows, "w") as f:  # as if the run had died before committing clips 1 and 4, mid-line
+        f.writelines(l for l in lines if json.loads(l)["path"] not in (fc.paths[1], fc.paths[4]))
+        f.write('{"path": "')
     net, _, fc = setup(clips, tmp_path)
-    assert build(net, fc) == 2
+    assert fc.stale() == [1, 4] and build(net, fc) == 2
     assert torch.equal(fc[4]["audio"], done)
+
+
+def subset(clips, name, order):
+    """An annotation file of the train clips at `order`: another list over the same files."""
+    with open(os.path.join(clips, "train.json")) as f:
+        records = json.load(f)
+    with open(os.path.join(clips, name), "w") as f:
+        json.dump([records[i] for i in order], f)
+    return os.path.join(clips, name)
+
+
+def test_a_list_that_gains_a_clip_computes_that_clip_alone(clips, tmp_path):
+    """Entries belong to clips, not to the list that asked for them: a list that gains a
+    clip computes one entry, and a list that reorders or filters clips already stored (another
+    split, a filtered training list) computes none and reads the same features."""
+    net, ds, full = setup(clips, tmp_path)
+    media = data.MediaConfig.from_model(net.cfg)
+    fingerprint = cache.encoder_fingerprint({"video": net.video_encoder, "audio": net.audio_encoder},
+                                            "video+audio", torch.float32)
+
+    def cache_for(ann):
+        return cache.FeatureCache(str(tmp_path / "cache"), data.AVCaptionDataset(ann, clips, media), net.cfg,
+                                  fingerprint)
+
+    assert build(net, cache_for(subset(clips, "five.json", range(5)))) == 5
+    assert build(net, full) == 1  # the sixth clip only
+    other = cache_for(subset(clips, "other.json", [5, 3, 1]))
+    assert other.dir == full.dir and build(net, other) == 0
+    assert torch.equal(other[0]["video"], full[5]["video"]) and torch.equal(other[2]["audio"], full[1]["audio"])
+    assert len(os.listdir(full.dir)) == 2  # one shard per build that computed something
+
+
+def test_a_cache_in_the_layout_of_an_earlier_version_is_named_and_computed_again(clips, tmp_path, capsys):
+    old = tmp_path / "cache" / "0123456789abcdef0123"  # version 3: one folder per clip list
+    old.mkdir(parents=True)
+    np.save(old / "state.npy", np.ones(6, np.int8))
+    net, _, fc = setup(clips, tmp_path)
+    assert build(net, fc) == 6
+    out = capsys.readouterr().out
+    assert "layout of an earlier version" in out and "0123456789abcdef0123" in out and "computed again" in out
 
 
 def test_unreadable_and_silent_clips(clips, tmp_path):

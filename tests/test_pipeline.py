@@ -22,6 +22,7 @@ import sample
 import train_align
 import train_caption
 import training as T
+from tests.distributed import launch_local
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -274,16 +275,22 @@ def test_sample_captions_every_video_in_a_folder_whatever_its_extension(clips, t
     assert "skipped, not readable as a video: " + str(folder / "notes.txt") in err and "e.wav" not in err
 
 
-def test_sample_writes_a_collection_as_it_goes_and_a_rerun_does_only_the_rest(clips, trained, tmp_path, capsys):
-    """A folder through the batched path (loader workers, batches of 2) gives each file the
-    caption it gets alone; a run stopped mid-file (a cut-off last line) is finished by a rerun
-    that skips what --out already holds and rewrites the cut line."""
-    _, ckpt = trained
+def five_videos(clips, tmp_path):
+    """A folder of five test clips: -> (folder, their names in order)."""
     folder = tmp_path / "videos"
     folder.mkdir()
     names = [f"test_{i:05d}.mp4" for i in range(28, 33)]
     for name in names:
         shutil.copy(os.path.join(clips, name), folder / name)
+    return folder, names
+
+
+def test_sample_writes_a_collection_as_it_goes_and_a_rerun_does_only_the_rest(clips, trained, tmp_path, capsys):
+    """A folder through the batched path (loader workers, batches of 2) gives each file the
+    caption it gets alone; a run stopped mid-file (a cut-off last line) is finished by a rerun
+    that skips what --out already holds and rewrites the cut line."""
+    _, ckpt = trained
+    folder, names = five_videos(clips, tmp_path)
     flags = ["--ckpt", ckpt, "--max-length", "8", "--device", "cpu"]
     alone = {}
     for name in names:
@@ -310,6 +317,35 @@ def test_sample_writes_a_collection_as_it_goes_and_a_rerun_does_only_the_rest(cl
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith(f"error: --out {other}: line 1 is not a caption record")
     assert other.read_text() == "not captions\nat all\n"
+
+
+def caption_folder(argv):
+    """sample.main on one rank of a torchrun-like launch (module level: launch_local runs it)."""
+    return sample.main(argv)
+
+
+@pytest.mark.parametrize("decode", [["--decode", "greedy"], ["--decode", "beam", "--num-beams", "2"]],
+                         ids=["greedy", "beam"])
+def test_two_ranks_caption_a_folder_into_one_file_as_one_process_does_and_resume(clips, trained, tmp_path, decode):
+    """`torchrun --nproc_per_node 2 sample.py --video DIR --out F`: each rank captions every
+    second file, and F ends with each file once, in order, with the captions one process
+    writes. A rerun after a stop moves what the ranks had written into F and does the rest."""
+    _, ckpt = trained
+    folder, names = five_videos(clips, tmp_path)
+    flags = ["--video", str(folder), "--ckpt", ckpt, "--max-length", "8", "--device", "cpu", "--batch-size", "2",
+             "--num-workers", "0", *decode]
+    one = tmp_path / "one.jsonl"
+    assert sample.main([*flags, "--out", str(one)]) == 0
+    two = tmp_path / "two.jsonl"
+    assert launch_local(caption_folder, [*flags, "--out", str(two)]) == [0, 0]
+    assert two.read_text() == one.read_text() and not sample.rank_parts(str(two))
+    lines = one.read_text().splitlines(keepends=True)
+    # stopped: --out holds the first file; rank 1 had written one line and was cut off in the next
+    two.write_text(lines[0])
+    (tmp_path / "two.jsonl.rank1").write_text(lines[3] + lines[2][:12])
+    assert launch_local(caption_folder, [*flags, "--out", str(two)]) == [0, 0]
+    assert sorted(two.read_text().splitlines()) == sorted(one.read_text().splitlines())
+    assert not sample.rank_parts(str(two))
 
 
 def write_still(path, codec, pix_fmt):
