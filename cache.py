@@ -157,6 +157,9 @@ def read_rows(store, wanted):
     return index
 
 
+_named_old_folders = set()
+
+
 def old_layout_folders(root):
     """Folders of version 3 and before (one per clip list, with state.npy), which this
     version does not read."""
@@ -247,7 +250,8 @@ class FeatureCache(torch.utils.data.Dataset):
             dist.barrier()
         if not todo:
             return 0
-        old = old_layout_folders(self.root)
+        old = [d for d in old_layout_folders(self.root) if d not in _named_old_folders]
+        _named_old_folders.update(old)  # named once a run, not once a split
         if old:
             T.print0(f"{desc}: {len(old)} folder(s) in {self.root} hold features in the layout of an earlier "
                      "version (one folder per clip list); they are not read, and their clips are computed "

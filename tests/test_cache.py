@@ -187,6 +187,8 @@ def test_a_cache_in_the_layout_of_an_earlier_version_is_named_and_computed_again
     assert build(net, fc) == 6
     out = capsys.readouterr().out
     assert "layout of an earlier version" in out and "0123456789abcdef0123" in out and "computed again" in out
+    shutil.rmtree(fc.dir)  # another split of the same run: the folder is not named twice
+    assert build(net, fc) == 6 and "earlier version" not in capsys.readouterr().out
 
 
 def test_unreadable_and_silent_clips(clips, tmp_path):
