@@ -272,6 +272,7 @@ def main(argv=None):
                       # what train_caption.py checks before it reads video.pth / audio.pth
                       "encoders": {"video": asdict(cfg.video), "audio": asdict(cfg.audio)}})
         T.print0(f"wrote {args.out_dir}/video.pth, audio.pth, metrics.json")
+        T.draw_curves(log.path)
     T.cleanup_distributed(ddp)
     return losses_seen
 

@@ -600,6 +600,7 @@ def main(argv=None):
                       "preset": args.preset, "steps": step, "encoders": encoders,
                       "decoding": T.decoding_kwargs(args)})
         T.print0(f"wrote {args.out_dir}/best.pth and metrics.json")
+        T.draw_curves(log.path)
     T.cleanup_distributed(ddp)
     return losses_seen
 

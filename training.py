@@ -532,6 +532,20 @@ class MetricsLogger:
                 f.write(json.dumps(row) + "\n")
 
 
+def draw_curves(log_path):
+    """The run's training curves, as plot.py draws them, beside its metrics.jsonl. A picture
+    that cannot be drawn costs one line, never the run's results (already written)."""
+    import plot  # matplotlib is imported only there, and only now
+    png = os.path.splitext(log_path)[0] + ".png"
+    try:
+        plot.plot_metrics(log_path, png)
+    except (ImportError, OSError, ValueError) as e:
+        print(f"training curves not drawn ({png}): {e}", file=sys.stderr)
+        return None
+    print0(f"wrote {png} (training curves; python plot.py {log_path} redraws them)")
+    return png
+
+
 def write_json(path, obj):
     """Final metrics, written atomically like the checkpoints."""
     _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))

@@ -17,6 +17,7 @@ import torch
 import data
 import metrics
 import model as M
+import plot
 import pretrained as P
 import sample
 import train_align
@@ -172,6 +173,22 @@ def trained(clips, tmp_path_factory):
     train_caption.main(common(clips, out, 3) + ["--eval-every", "3", "--eval-max", "2", "--no-cache-features",
                                                 "--no-align"])
     return out, os.path.join(out, "best.pth")
+
+
+def test_a_run_draws_its_training_curves_and_plot_redraws_them_from_any_log(trained, tmp_path, capsys):
+    out, _ = trained
+    png_magic = b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(out, "metrics.png"), "rb") as f:  # drawn at the end of the run
+        assert f.read(8) == png_magic
+    again = tmp_path / "curves.png"
+    assert plot.main([os.path.join(out, "metrics.jsonl"), "--out", str(again)]) == 0
+    assert again.read_bytes()[:8] == png_magic
+    not_a_log = tmp_path / "notes.jsonl"
+    not_a_log.write_text("some notes\n")
+    capsys.readouterr()
+    assert plot.main([str(not_a_log)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "not JSON" in err[0]
 
 
 def test_a_moved_output_folder_still_captions_from_anywhere(clips, trained, tmp_path):

@@ -1,0 +1,131 @@
+"""Training curves: a PNG of a run's metrics.jsonl.
+
+    python plot.py out/caption/metrics.jsonl              # writes out/caption/metrics.png
+    python plot.py out/align/metrics.jsonl --out a.png
+
+train_align.py and train_caption.py draw it beside metrics.jsonl at the end of a run. The
+top panel is the training loss (each step, and its running mean over 50 steps) with the
+learning rate on a second axis. The bottom panel holds the validation rows the log has: stage
+2 logs CIDEr and, on the embedded data, each attribute's accuracy every --eval-every steps;
+stage 1 logs the test split's retrieval before and after training (R@1 and the
+shared-attribute accuracy, both ways). A resumed run appends to the log; the last row logged
+for a step is the one drawn.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+RUNNING_MEAN = 50  # steps in the loss's running mean
+
+
+def read_log(path):
+    """-> (training rows, validation rows), each sorted by step, one per step (the last logged)."""
+    train, val = {}, {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}, line {n}: not JSON: not a metrics.jsonl of this project") from None
+            if "val" in row:
+                val[row["step"]] = row["val"]
+            elif "loss" in row:
+                train[row["step"]] = row
+    return [train[s] for s in sorted(train)], [(s, val[s]) for s in sorted(val)]
+
+
+def validation_series(val):
+    """{name: ([steps], [values])} of the numbers each validation row holds that are worth a
+    line: stage 2's CIDEr (on its own axis) and attribute accuracies, stage 1's R@1 and
+    shared-attribute accuracies."""
+    series = {}
+
+    def add(name, step, value):
+        steps, values = series.setdefault(name, ([], []))
+        steps.append(step)
+        values.append(value)
+
+    for step, v in val:
+        if "CIDEr" in v:
+            add("CIDEr", step, v["CIDEr"])
+        for name, acc in (v.get("attributes") or {}).items():
+            add(name, step, acc)
+        for name, value in v.items():
+            if name.endswith("R@1") or name.endswith("shared-attribute acc"):
+                add(name, step, value)
+    return series
+
+
+def plot_metrics(jsonl, png):
+    """Draw `jsonl`'s curves into `png` (see the module docstring). Returns png."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    train, val = read_log(jsonl)
+    two_points = False  # stage 1: before and after only, drawn without a line between them
+    if not train:
+        raise ValueError(f"{jsonl}: no training rows (a run logs one per step)")
+    final = os.path.join(os.path.dirname(os.path.abspath(jsonl)), "metrics.json")
+    if not val and os.path.isfile(final):  # stage 1: its retrieval before and after training
+        with open(final) as f:
+            done = json.load(f)
+        if "before" in done and "after" in done:
+            val = [(0, done["before"]), (done.get("steps", train[-1]["step"]), done["after"])]
+            two_points = True
+    steps = [r["step"] for r in train]
+    loss = [r["loss"] for r in train]
+    mean = [sum(loss[max(0, i - RUNNING_MEAN + 1):i + 1]) / (i + 1 - max(0, i - RUNNING_MEAN + 1))
+            for i in range(len(loss))]
+    series = validation_series(val)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    top.plot(steps, loss, color="0.75", lw=0.6, label="loss")
+    top.plot(steps, mean, color="C0", lw=1.5, label=f"loss, mean of {RUNNING_MEAN} steps")
+    top.set_yscale("log")  # the first steps fall by a factor of several, the rest by a few percent
+    top.set_ylabel("training loss (log scale)")
+    lr = top.twinx()
+    lr.plot(steps, [r["lr"] for r in train], color="C3", lw=1, ls="--", label="learning rate")
+    lr.set_ylabel("learning rate", color="C3")
+    lines = top.get_legend_handles_labels()[0] + lr.get_legend_handles_labels()[0]
+    top.legend(lines, [l.get_label() for l in lines], loc="upper right", fontsize=8)
+    top.set_title(os.path.basename(os.path.dirname(os.path.abspath(jsonl))) + ": " + os.path.basename(jsonl))
+    if series:
+        cider = series.pop("CIDEr", None)
+        for name, (s, v) in series.items():
+            bottom.plot(s, v, marker="o", ms=5 if two_points else 3, ls="none" if two_points else "-", label=name)
+        bottom.set_ylim(-0.02, 1.02)
+        bottom.set_ylabel("test split, before and after training" if two_points else "validation accuracy")
+        if cider:
+            right = bottom.twinx()
+            right.plot(*cider, color="k", marker="s", ms=3, lw=1.5, label="CIDEr")
+            right.set_ylabel("CIDEr")
+            right.legend(loc="lower center", fontsize=8)
+        bottom.legend(loc="lower right", fontsize=8)
+    else:
+        bottom.text(0.5, 0.5, "no validation rows in this log", ha="center", va="center", transform=bottom.transAxes)
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("log", help="a metrics.jsonl written by train_align.py or train_caption.py")
+    p.add_argument("--out", default=None, help="the PNG (default: beside the log, metrics.png)")
+    args = p.parse_args(argv)
+    png = args.out or os.path.splitext(args.log)[0] + ".png"
+    try:
+        plot_metrics(args.log, png)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {getattr(e, 'strerror', None) and f'{e.filename}: {e.strerror}' or e}", file=sys.stderr)
+        return 2
+    print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
