@@ -23,11 +23,11 @@ RUNNING_MEAN = 50  # steps in the loss's running mean
 def read_log(path):
     """-> (training rows, validation rows), each sorted by step, one per step (the last logged)."""
     train, val = {}, {}
-    with open(path) as f:
+    with open(path, "rb") as f:  # bytes: a binary file is reported as not JSON, by its name
         for n, line in enumerate(f, 1):
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 raise ValueError(f"{path}, line {n}: not JSON: not a metrics.jsonl of this project") from None
             if "val" in row:
                 val[row["step"]] = row["val"]

@@ -261,6 +261,11 @@ def gather_parts(out, files):
     return len(new)
 
 
+def out_error(out, e):
+    """The one line a bad --out gets (an OSError by its reason alone, without errno)."""
+    return f"error: --out {out}: {getattr(e, 'strerror', None) or e}"
+
+
 def sum_over_ranks(n):
     """n summed over the ranks (NCCL reduces GPU tensors only, gloo CPU ones)."""
     t = torch.tensor([n], device="cuda" if dist.get_backend() == "nccl" else "cpu")
@@ -315,19 +320,18 @@ def caption_files(args, ddp, rank, local_rank, world):
                     moved = gather_parts(args.out, files)
                     say(f"{args.out}: {moved} captions a stopped run's ranks had written moved into it")
             except (OSError, ValueError) as e:
-                error = f"error: --out {args.out}: {getattr(e, 'strerror', None) or e}"
+                error = out_error(args.out, e)
         if ddp:
             dist.barrier()
-        try:
-            if error:
-                raise ValueError(error)
-            done = already_captioned(args.out) if args.resume and os.path.exists(args.out) else set()
-            if ddp:  # each rank its own file, gathered into --out at the end
-                sink = open(f"{args.out}.rank{rank}", "w")
-            else:
-                sink = open(args.out, "a" if done else "w")
-        except (OSError, ValueError) as e:
-            error = error or f"error: --out {args.out}: {getattr(e, 'strerror', None) or e}"
+        if error is None:
+            try:
+                done = already_captioned(args.out) if args.resume and os.path.exists(args.out) else set()
+                if ddp:  # each rank its own file, gathered into --out at the end
+                    sink = open(f"{args.out}.rank{rank}", "w")
+                else:
+                    sink = open(args.out, "a" if done else "w")
+            except (OSError, ValueError) as e:
+                error = out_error(args.out, e)
         if not all_ranks_ok(error is None, ddp):
             say(error or "error: another rank could not open its output")
             return 2
