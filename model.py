@@ -160,13 +160,18 @@ def attention(q, k, v, mask=None, dropout_p=0.0, impl="auto"):
         impl = faster_attention(q.device, q.dtype)
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, H, Tq, Tk)
-    if mask is not None:
-        att = att.masked_fill(~mask, float("-inf"))
-    att = F.softmax(att, dim=-1)
+    att = attention_map(q, k, mask)
     if dropout_p > 0.0:
         att = F.dropout(att, p=dropout_p)
     return att @ v
+
+
+def attention_map(q, k, mask=None):
+    """softmax(QK^T / sqrt(d)) with the mask applied: (B, H, Tq, Tk), each row summing to 1."""
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, H, Tq, Tk)
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    return F.softmax(att, dim=-1)
 
 
 def faster_attention(device, dtype):
@@ -371,6 +376,9 @@ class BertAttention(nn.Module):
         self.heads = cfg.heads
         self.dropout = cfg.dropout
         self.attn_impl = "auto"
+        # explain.py's switch: keep the attention map (B, H, Tq, Tk) of the last forward in
+        # self.map, in the autograd graph, for attention x gradient
+        self.keep_map, self.map = False, None
 
     def keys_values(self, kv_input):
         """kv_input (B, T, W) -> keys and values, each (B, H, T, d)."""
@@ -386,7 +394,11 @@ class BertAttention(nn.Module):
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)  # (B, H, P+T, d)
             v = torch.cat([past_kv[1], v], dim=2)
-        y = attention(q, k, v, mask, self.dropout if self.training else 0.0, self.attn_impl)
+        if self.keep_map:
+            self.map = attention_map(q, k, mask)
+            y = self.map @ v
+        else:
+            y = attention(q, k, v, mask, self.dropout if self.training else 0.0, self.attn_impl)
         return self.output(merge_heads(y), x), (k, v)
 
 

@@ -9,6 +9,8 @@
         --audio-encoder LanguageBind/LanguageBind_Audio_FT    # the authors' stage-2 file
     python sample.py --video x.mp4 --decode sample --top-p 0.9 --top-k 50 \\
         --min-length 10 --max-length 30                     # the original's evaluation decoding
+    python sample.py --video x.mp4 --explain pictures/      # and where each word came from:
+                                                            # pictures/x.mp4.png (explain.py)
 
 --ckpt defaults to train_caption.py's output (out/caption/best.pth), which carries its config,
 tokenizer and encoder files. The authors' stage-2 checkpoint works too, given their encoders
@@ -78,6 +80,9 @@ def get_args(argv=None):
                    help="skip the files --out already holds and append (--no-resume: start it afresh)")
     p.add_argument("--batch-size", type=int, default=16, help="clips captioned together")
     p.add_argument("--num-workers", type=int, default=2, help="decoding processes (0: decode in this one)")
+    p.add_argument("--explain", default=None, metavar="DIR",
+                   help="also draw, for each clip this run captions, where each word of its (first) caption came "
+                        "from in the frames and the sound: DIR/<file name>.png (explain.py says how)")
     args = p.parse_args(argv)
     T.check_decoding_args(p, args)
     if args.batch_size < 1 or args.num_workers < 0:
@@ -177,10 +182,12 @@ class VideoFiles(torch.utils.data.Dataset):
         return {"id": i, "path": path, "caption": None, "record": None, **item}
 
 
-def caption_batches(net, tokenizer, files, args):
+def caption_batches(net, tokenizer, files, args, pictures=None):
     """Yield (path, captions, has_audio, None) for each readable file, a batch at a time, and
     (path, None, None, reason) for each unreadable one: decoding runs in --num-workers
-    processes while the model captions the batch before."""
+    processes while the model captions the batch before. With `pictures` ({path: PNG path},
+    --explain), each clip's first caption is also drawn with explain.py, and a picture that
+    cannot be written makes the fourth item its reason (the captions still come)."""
     workers = args.num_workers if len(files) > 1 else 0
     loader = torch.utils.data.DataLoader(VideoFiles(files, data.MediaConfig.from_model(net.cfg), args.seed),
                                          batch_size=args.batch_size, num_workers=workers,
@@ -199,14 +206,36 @@ def caption_batches(net, tokenizer, files, args):
                     yield path, None, None, reason
                 if not batch["ids"]:
                     continue
-                ids = net.generate(**T.model_inputs(batch, args.device), num_captions=args.num_captions,
-                                   **T.decoding_kwargs(args)).cpu()
+                inputs = T.model_inputs(batch, args.device)
+                # the towers once: --explain reads the same tokens the captions came from
+                towers = net.encode(inputs.pop("video"), inputs.pop("audio"))
+                tokens = dict(zip(("video_tokens", "audio_tokens"), towers))
+                ids = net.generate(**tokens, **inputs, num_captions=args.num_captions, **T.decoding_kwargs(args)).cpu()
                 k = args.num_captions  # rows b*k ... (b+1)*k - 1 are clip b's captions
                 for b, path in enumerate(batch["paths"]):
                     captions = [tokenizer.decode(row) for row in ids[b * k:(b + 1) * k]]
-                    yield path, captions, bool(batch["audio_mask"][b]), None
+                    problem = None
+                    if pictures is not None:
+                        problem = draw_explanation(net, tokenizer, ids[b * k], batch, b, tokens, inputs, pictures[path])
+                    yield path, captions, bool(batch["audio_mask"][b]), problem
     finally:
         torch.set_num_threads(threads)
+
+
+def draw_explanation(net, tokenizer, ids, batch, b, tokens, inputs, png):
+    """Clip b's caption `ids` attributed to its frames and sound and drawn to `png`
+    (explain.py); None, or why the picture could not be written."""
+    import explain
+    one = {k: None if v is None else v[b:b + 1] for k, v in {**tokens, **inputs}.items()}  # this clip alone
+    explained, num_video = explain.explain_clip(net, tokenizer, ids, **one)
+    has_audio = batch["audio"] is not None and bool(batch["audio_mask"][b])
+    try:
+        explain.draw(png, net.cfg, explained, num_video, video=batch["video"][b],
+                     audio=batch["audio"][b] if has_audio else None,
+                     title=f"{os.path.basename(batch['paths'][b])}: \"{tokenizer.decode(ids)}\"")
+    except OSError as e:
+        return f"cannot write its picture {png}: {e.strerror or e}"
+    return None
 
 
 def already_captioned(path):
@@ -299,6 +328,18 @@ def caption_files(args, ddp, rank, local_rank, world):
     if not files:
         say("error: no video files found in " + " ".join(args.video))
         return 2
+    pictures = None
+    if args.explain is not None:
+        import explain
+        try:
+            explain.check_folder(args.explain)
+            error = None
+        except OSError as e:
+            error = f"error: --explain {args.explain}: {e.strerror or e}"
+        if not all_ranks_ok(error is None, ddp):
+            say(error or "error: another rank cannot write into --explain")
+            return 2
+        pictures = explain.picture_names(files, args.explain)  # over every file: the same names on a rerun
     try:
         net, tokenizer = load_captioner(args)
         error = None
@@ -346,18 +387,23 @@ def caption_files(args, ddp, rank, local_rank, world):
     bar = tqdm(total=len(files), unit="clip", disable=not as_jsonl or rank != 0, dynamic_ncols=True,
                file=sys.stderr, desc=f"rank 0 of {world}" if ddp else None)
     with bar, sink as out:
-        for path, captions, has_audio, error in caption_batches(net, tokenizer, files, args):
+        for path, captions, has_audio, error in caption_batches(net, tokenizer, files, args, pictures):
             bar.update(1)
             if error is not None:
                 bar.write(f"error: {path}: {error}", file=sys.stderr)
                 failed += 1
-            elif as_jsonl:
+            if captions is None:
+                continue
+            if as_jsonl:
                 out.write(json.dumps({"video": path, "captions": captions, "audio": has_audio}) + "\n")
                 out.flush()  # a result is on disk as soon as its batch is done
             else:
                 if not has_audio:  # on stderr: stdout holds captions only
                     print(f"(no audio track in {path}: captioned from the video alone)", file=sys.stderr)
                 print("\n".join(captions))
+    if pictures is not None:
+        say("where each word came from: " + (pictures[all_files[0]] if len(all_files) == 1
+                                               else f"{args.explain}/<file name>.png"))
     if ddp:
         dist.barrier()  # every rank's file is complete
         if rank == 0:

@@ -4,8 +4,9 @@ Official-layout files with random weights at the real shapes (LanguageBind's vid
 `pytorch_model.bin`, a bert-base-cased folder, BLIP-2's `blip2_pretrained.pth`), three real mp4
 clips with annotations in the authors' format (`id`, `sound_mplug`), then what a user runs:
 `train_caption.py --preset full` for two steps at batch 2 (evaluation and saving included),
-`sample.py` with the checkpoint it wrote, and `sample.py` with a stage-2 checkpoint built like
-the authors' `checkpoint_N.pth`. Nothing is shrunk: every tower has its 24 or 12 layers.
+`sample.py` with the checkpoint it wrote (and its `--explain` picture), and `sample.py` with a
+stage-2 checkpoint built like the authors' `checkpoint_N.pth`. Nothing is shrunk: every tower
+has its 24 or 12 layers.
 
 It is the slowest test of the suite (minutes, several GB of files under the pytest tmp folder).
 """
@@ -109,9 +110,12 @@ def test_paper_setting_trains_saves_and_captions(paper_files, tmp_path, capsys):
         assert json.load(fh)["test"]["clips"] == 1
 
     clip = os.path.join(f["media"], "yt0.mp4")
-    r = run_sample("--video", clip, "--ckpt", os.path.join(out, "best.pth"), "--max-length", "6")
+    pictures = tmp_path / "pictures"  # and where each word came from, at the paper's sizes
+    r = run_sample("--video", clip, "--ckpt", os.path.join(out, "best.pth"), "--max-length", "6",
+                   "--explain", str(pictures))
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip().splitlines()) == 1
+    assert (pictures / "yt0.mp4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the authors' checkpoint_N.pth: their trainer's five keys, their run config, and the frozen
     # encoders' persistent buffers beside the trained weights

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import data
+import explain
 import metrics
 import model as M
 import plot
@@ -289,6 +290,38 @@ def test_train_save_and_caption_a_video(clips, trained, tmp_path):
     assert r.returncode != 0
     assert "broken.mp4" in r.stderr and "Traceback" not in r.stderr
     assert '"captions"' in r.stdout  # the readable file still gets its JSON line
+
+
+def test_explain_draws_each_clip_with_and_without_sound_and_refuses_what_it_cannot_do(clips, trained, tmp_path):
+    _, ckpt = trained
+    clip, silent = os.path.join(clips, "test_00028.mp4"), str(tmp_path / "silent.mp4")
+    data.write_clip(silent, np.zeros((8, 32, 32, 3), dtype=np.uint8), None)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(os.urandom(2000))
+    pictures = tmp_path / "pictures"
+    r = run_sample("--video", clip, silent, str(broken), "--ckpt", ckpt, "--max-length", "8", "--explain",
+                   str(pictures))
+    assert r.returncode == 1 and "Traceback" not in r.stderr  # the broken file: one line, the others drawn
+    assert [line for line in r.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: {broken}: cannot open (InvalidDataError)"]
+    png_magic = b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(pictures)) == ["silent.mp4.png", "test_00028.mp4.png"]
+    assert all((pictures / f).read_bytes()[:8] == png_magic for f in os.listdir(pictures))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    r = run_sample("--video", clip, "--ckpt", ckpt, "--explain", str(a_file / "pictures"))
+    said = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and said == [f"error: --explain {a_file / 'pictures'}: Not a directory"]
+    assert not r.stdout  # refused before any captioning
+
+
+def test_explain_measures_the_video_share_of_each_attribute_word_over_a_split(clips, trained, tmp_path, capsys):
+    _, ckpt = trained
+    out = tmp_path / "shares.json"
+    assert explain.main(["--ckpt", ckpt, "--data-dir", clips, "--split", "test", "--out", str(out)]) == 0
+    shares = json.loads(out.read_text())["shares"]
+    assert sorted(shares) == sorted(data.ATTRIBUTES)
+    assert all(0 <= s["video_share_mean"] <= 1 and s["clips"] == clip_count(clips, "test") for s in shares.values())
 
 
 def test_sample_captions_every_video_in_a_folder_whatever_its_extension(clips, trained, tmp_path, capsys):
