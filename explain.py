@@ -112,8 +112,8 @@ def explain_clip(net, tokenizer, ids, video_tokens=None, audio_tokens=None, vide
     and the number of video tokens (the memory's first tokens)."""
     memory, memory_mask = net.memory(video_tokens, audio_tokens, video_mask, audio_mask)
     num_video = 0 if video_tokens is None else video_tokens.size(1)
-    return [(w, r, video_share(r, num_video)) for w, r in attribute(net, memory, memory_mask, ids, tokenizer)], \
-        num_video
+    explained = [(w, r, video_share(r, num_video)) for w, r in attribute(net, memory, memory_mask, ids, tokenizer)]
+    return explained, num_video
 
 
 # -----------------------------------------------------------------------------
