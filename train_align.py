@@ -23,7 +23,10 @@ clip, so that a third of its columns is a third of the clip: the tiny preset on 
 data (208 fbank frames for the 2 s clip's 203). At the full preset the three chunks are
 stacked as channels of one window and its columns are not the clip's time.
 
-Measured on the test split before and after training: instance retrieval R@1/5/10 both ways
+Measured on the validation split every --eval-every steps (the same figures, logged to
+metrics.jsonl for the training curves; the training's random generators are put back after
+each, so a run trains the same with --no-validate) and on the test split before and after
+training: instance retrieval R@1/5/10 both ways
 (is a clip's own soundtrack the nearest?), the share of top matches with the same shared
 attributes (the embedded set's shape and motion, together and each), and alignment in time
 within each clip, whatever the loss: is a frame's nearest of T chunks of its own audio the one
@@ -36,13 +39,16 @@ the mean share of frames a chunk holds)?
         --audio-init LanguageBind_Audio_FT/pytorch_model.bin --train last-k --last-k 2 ...
 
 Outputs in --out-dir (default out/align): video.pth and audio.pth (the authors' encoder
-format, read by train_caption.py and sample.py), ckpt.pt (resumable), metrics.jsonl (log),
-metrics.json (final metrics: retrieval before and after).
+format, read by train_caption.py and sample.py), ckpt.pt (resumable), metrics.jsonl (log: a
+row per step, a "val" row per validation), metrics.json (final metrics: retrieval on the test
+split before and after), metrics.png (the curves: plot.py).
 """
 
 import argparse
 import contextlib
+import math
 import os
+import time
 from dataclasses import asdict
 
 import torch
@@ -75,6 +81,10 @@ def get_args(argv=None):
     p.add_argument("--video-init", default=None, help="LanguageBind HF file or the authors' video.pth")
     p.add_argument("--audio-init", default=None, help="LanguageBind HF file or the authors' audio.pth")
     p.add_argument("--eval-max", type=int, default=0, help="held-out clips for retrieval (0: all)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="steps between validations on the val split (0: a quarter of --max-steps, as stage 2)")
+    p.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
+                   help="validate every --eval-every steps (--no-validate: the test split before and after only)")
     p.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")
     p.add_argument("--cache-inputs", action=argparse.BooleanOptionalAction, default=None,
                    help="decode and preprocess each clip once into fp16 files under --cache-dir and train from "
@@ -264,16 +274,19 @@ def main(argv=None):
     cache_inputs = args.preset == "tiny" if args.cache_inputs is None else args.cache_inputs
     train_set = data.AVCaptionDataset(anns["train"], data_dir, media, args.caption_field, train=not cache_inputs,
                                       seed=args.seed, by_clip=True)
-    test_set = data.AVCaptionDataset(anns["test"], data_dir, media, args.caption_field, train=False, by_clip=True)
+    held_out = {split: data.AVCaptionDataset(anns[split], data_dir, media, args.caption_field, train=False,
+                                             by_clip=True) for split in (["val", "test"] if args.validate else ["test"])}
     if cache_inputs:
         # from here on the datasets yield the fp16 inputs each clip's first decoding gave
         T.print0("input cache: on: each clip is decoded once; training flips the cached frames as it would "
                  "the decoded ones and gives up the random choice of audio chunks (--no-cache-inputs keeps it)")
         train_set = cache.FeatureCache(args.cache_dir, train_set, cfg, "inputs", inputs=True, flip=True)
-        test_set = cache.FeatureCache(args.cache_dir, test_set, cfg, "inputs", inputs=True)
-        for ds, split in ((train_set, "train"), (test_set, "test")):
+        held_out = {split: cache.FeatureCache(args.cache_dir, ds, cfg, "inputs", inputs=True)
+                    for split, ds in held_out.items()}
+        for split, ds in (("train", train_set), *held_out.items()):
             ds.build(None, device, contextlib.nullcontext(), args.batch_size, T.loader_workers(args, False, device),
                      rank, world, f"decode {split}")
+    test_set = held_out["test"]
     args.num_workers = T.loader_workers(args, cache_inputs, device)  # for the training stream
 
     aligner = Aligner(cfg, args.patch_dropout)
@@ -306,12 +319,25 @@ def main(argv=None):
         with ctx:
             return model(video.to(device), audio.to(device), args.mil_weight, args.mil_bags)
 
-    def checkpoint(step, bar):
-        T.save_training_state(os.path.join(args.out_dir, "ckpt.pt"), optimizer, step, position,
-                              model=aligner.state_dict(), before=before, config=vars(args))
+    def validate_and_checkpoint(step, bar):
+        if args.validate and (step % eval_every == 0 or step == args.max_steps) and T.is_master():
+            # evaluation draws from the global generators (its loader's seed): it runs on a
+            # copy of them, so the training draws what it would have drawn without it
+            rng, start = T.capture_rng_state(), time.perf_counter()
+            scores = evaluate(aligner, held_out["val"], device, ctx, args.batch_size, args.eval_max)
+            seconds = time.perf_counter() - start
+            T.restore_rng_state(rng)
+            log.log(step=step, val=scores, seconds=round(seconds, 3))
+            bar.write(f"step {step} val: " + fmt(scores) + f" in {seconds:.1f} s")
+        if step % args.save_every == 0 or step == T.steps_this_run(args):
+            T.save_training_state(os.path.join(args.out_dir, "ckpt.pt"), optimizer, step, position,
+                                  model=aligner.state_dict(), before=before, config=vars(args))
 
+    eval_every = args.eval_every or max(1, args.max_steps // 4)
     log = T.MetricsLogger(os.path.join(args.out_dir, "metrics.jsonl"))
-    loop = T.Loop(stream, loss_fn, every=args.save_every, on_every=checkpoint, log=log, desc="stage 1")
+    # the loop calls back at every step either needs, and the callback sorts them out
+    every = math.gcd(args.save_every, eval_every) if args.validate else args.save_every
+    loop = T.Loop(stream, loss_fn, every=every, on_every=validate_and_checkpoint, log=log, desc="stage 1")
     step, losses_seen = T.run_training(model, optimizer, loop, args, step)
     if step < args.max_steps:
         T.print0(f"stopped at step {step} (--stop-at); resume with --resume {args.out_dir}/ckpt.pt")
