@@ -2,7 +2,8 @@
 
 One process: InfoNCE against a double loop in plain Python, MIL-NCE against NCE and against a
 loop over unpadded bags, MIL-NCE with bags in time against a loop and against MIL-NCE, stage
-1's objective (train_align.Aligner) against these losses put together by hand, the caption
+1's objective (train_align.Aligner) against these losses put together by hand, its frame<->chunk
+metrics on planted embeddings, the caption
 loss against the label-smoothed cross-entropy formula, and the temperature's start and cap.
 
 Two processes (a gloo group on 127.0.0.1, spawned here): each rank holds half of a fixed
@@ -21,6 +22,7 @@ the averaged gradient *equals* the full-batch gradient (no extra factor). The te
 used only locally, and mean_r dL_r/ds = dL/ds as well.
 """
 
+import contextlib
 import math
 import os
 import socket
@@ -205,6 +207,35 @@ def test_stage1_time_bags_put_three_chunks_against_the_frames_in_their_thirds(al
     expected = losses.nce_loss(v, a, s) + 0.7 * 0.5 * (losses.time_mil_nce_loss(chunks, frames, in_chunk, s)
                                                        + losses.time_mil_nce_loss(frames, chunks, in_chunk.t(), s))
     assert torch.equal(aligner(video, audio, 0.7, "time")[0], expected)
+
+
+class PlantedTowers(nn.Module):
+    """What train_align.evaluate reads of a stage-1 model, planted: frame t of every clip lies
+    along direction frame_chunks(8, 3)[t] (its third), and chunk s of the three along direction
+    (s + shift) % 3, so shift 0 puts each chunk on its own third's frames, shift 1 on the next's."""
+
+    def __init__(self, shift):
+        super().__init__()
+        self.shift = shift
+
+    def embed(self, video, audio):
+        B = video.size(0)
+        frames = torch.eye(3)[train_align.frame_chunks(8, 3)].expand(B, 8, 3)  # (B, 8, 3)
+        v = a = F.normalize(torch.ones(B, 3), dim=-1)
+        return frames, v, a, torch.zeros(B)  # the "hidden states": only their batch size is read
+
+    def audio_chunks(self, hidden, num_chunks):
+        return torch.eye(3)[(torch.arange(num_chunks) + self.shift) % 3].expand(hidden.size(0), num_chunks, 3)
+
+
+@pytest.mark.parametrize("shift, accuracy", [(0, 1.0), (1, 0.0)])
+def test_stage1_frame_chunk_metrics_ask_for_the_chunk_at_the_frames_time(shift, accuracy):
+    clips = [{"id": str(i), "caption": "", "record": {"id": str(i)}, "path": "", "video": torch.zeros(3, 8, 2, 2),
+              "audio": torch.zeros(3, 2, 2)} for i in range(4)]
+    out = train_align.evaluate(PlantedTowers(shift), clips, torch.device("cpu"), contextlib.nullcontext(), 4)
+    assert out["frame->chunk acc (3 chunks)"] == accuracy and out["chunk->frame acc (3 chunks)"] == accuracy
+    assert out["frame->chunk chance (3 chunks)"] == pytest.approx(1 / 3)
+    assert out["chunk->frame chance (3 chunks)"] == pytest.approx((3 / 8 + 3 / 8 + 2 / 8) / 3)
 
 
 def caption_batch():
