@@ -99,6 +99,7 @@ def plot_metrics(jsonl, png):
     top.legend(lines, [l.get_label() for l in lines], loc="upper right", fontsize=8)
     top.set_title(os.path.basename(os.path.dirname(os.path.abspath(jsonl))) + ": " + os.path.basename(jsonl))
     if series or tests:
+        validated = bool(series)
         cider = series.pop("CIDEr", None)
         colour = {name: f"C{i}" for i, name in enumerate(dict.fromkeys([*series, *tests]))}
         for name, (s, v) in series.items():
@@ -110,13 +111,14 @@ def plot_metrics(jsonl, png):
             bottom.plot([], [], color="0.4", marker="o", ms=7, mfc="none", ls="none",
                         label="open: test split, before and after")
         bottom.set_ylim(-0.02, 1.02)
-        bottom.set_ylabel("validation accuracy" if series else "test split, before and after training")
+        bottom.set_ylabel("validation accuracy" if validated else "test split, before and after training")
         if cider:
             right = bottom.twinx()
             right.plot(*cider, color="k", marker="s", ms=3, lw=1.5, label="CIDEr")
             right.set_ylabel("CIDEr")
             right.legend(loc="lower center", fontsize=8)
-        bottom.legend(loc="lower right", fontsize=8)
+        if series or tests:  # a log of CIDEr alone (no attributes) has nothing more to name
+            bottom.legend(loc="lower right", fontsize=8)
     else:
         bottom.text(0.5, 0.5, "no validation rows in this log", ha="center", va="center", transform=bottom.transAxes)
     bottom.set_xlabel("step")
