@@ -7,6 +7,8 @@ losses of the paper's stage-1 alignment, and BLIP-2's retrieval objectives (stag
                     batch (stage 1, clip level).
   mil_nce_loss      MIL-NCE (Miech et al., 2020): an anchor's positive is a bag of embeddings
                     (a video's frames, an audio's chunks) (stage 1, granularity).
+  time_mil_nce_loss MIL-NCE with bags local in time: an audio chunk's positive is its own
+                    clip's frames at its time, the clip's other times among the negatives.
   LogitScale        the learnable log-temperature both stage-1 losses share.
   itc_loss          BLIP-2's clip-text contrastive loss: best query against the text, soft
                     targets over duplicate pairs.
@@ -191,9 +193,52 @@ def mil_nce_loss(anchors, bags, bag_mask, scale):
         owner = torch.arange(real.numel(), device=bags.device) // K  # clip each column belongs to
         clip = torch.arange(B, device=bags.device) + rank_offset(B)  # clip of each anchor
         own_bag = owner[None, :] == clip[:, None]  # (B, world*B*K)
-        positive = torch.logsumexp(scores.masked_fill(~own_bag, float("-inf")), dim=1)  # (B,)
-        everything = torch.logsumexp(scores, dim=1)  # (B,)
-        return (everything - positive).mean()
+        return _bag_nce(scores, own_bag)
+
+
+def time_mil_nce_loss(anchors, members, positive, scale):
+    """MIL-NCE whose bags are local in time, one direction. anchors (B, N, D) and members
+    (B, M, D) are L2-normalised, row i of each from the same clip: N embeddings of one side
+    and M of the other, each at its own time in the clip. positive (N, M) bools say which of
+    a clip's members lie at anchor n's time (every anchor needs at least one). With
+    s(x, y) = scale * x . y, for anchor n of clip i:
+
+        loss_in = logsumexp_{y in every member of every clip of the global batch} s(a_in, y)
+                  - logsumexp_{m : positive[n, m]} s(a_in, members_im)
+
+    so the positives are the clip's own members at the anchor's time, and the negatives every
+    other member of the global batch, *the same clip's members at other times among them*:
+    Miech et al.'s MIL-NCE, whose positives are the narrations near a clip in time. The loss
+    is the mean over this rank's B * N anchors. Stage 1 with --mil-bags time calls it both
+    ways: time_mil_nce_loss(chunks, frames, in_chunk, s) and
+    time_mil_nce_loss(frames, chunks, in_chunk.t(), s), in_chunk (3, T) saying which frames
+    each third of the audio holds.
+
+    mil_nce_loss cannot say this: its bag mask marks members that are neither positive nor
+    negative (padding), so a clip's members outside the bag would leave the negatives.
+    With one anchor per clip and every member positive the two agree:
+    time_mil_nce_loss(a[:, None], bags, ones(1, K), s) == mil_nce_loss(a, bags, None, s)."""
+    B, N, D = anchors.shape
+    M = members.size(1)
+    with torch.autocast(anchors.device.type, enabled=False):  # full precision, as in nce_loss
+        anchors, members = anchors.float(), members.float()
+        all_members = gather_with_grad(members).reshape(-1, D)  # (world*B, M, D) -> (world*B*M, D)
+        scores = scale * anchors.reshape(-1, D) @ all_members.t()  # (B*N, world*B*M)
+        column = torch.arange(all_members.size(0), device=members.device)
+        owner, member = column // M, column % M  # each column's clip, and which of its members
+        clip = (torch.arange(B, device=anchors.device) + rank_offset(B)).repeat_interleave(N)  # (B*N,)
+        anchor = torch.arange(N, device=anchors.device).repeat(B)  # (B*N,): which of its clip's anchors
+        in_bag = (owner[None, :] == clip[:, None]) & positive.to(anchors.device)[anchor][:, member]  # (B*N, world*B*M)
+        return _bag_nce(scores, in_bag)
+
+
+def _bag_nce(scores, in_bag):
+    """The MIL-NCE step both bag losses end with. scores (A, C): each anchor against every
+    candidate (-inf: not a candidate); in_bag (A, C): its positives. -> the mean over the
+    anchors of logsumexp(all scores) - logsumexp(the positives' scores)."""
+    positive = torch.logsumexp(scores.masked_fill(~in_bag, float("-inf")), dim=1)  # (A,)
+    everything = torch.logsumexp(scores, dim=1)  # (A,)
+    return (everything - positive).mean()
 
 
 # -----------------------------------------------------------------------------

@@ -5,11 +5,12 @@
 
 train_align.py and train_caption.py draw it beside metrics.jsonl at the end of a run. The
 top panel is the training loss (each step, and its running mean over 50 steps) with the
-learning rate on a second axis. The bottom panel holds the validation rows the log has: stage
-2 logs CIDEr and, on the embedded data, each attribute's accuracy every --eval-every steps;
-stage 1 logs the test split's retrieval before and after training (R@1 and the
-shared-attribute accuracy, both ways). A resumed run appends to the log; the last row logged
-for a step is the one drawn.
+learning rate on a second axis. The bottom panel holds the validation rows the log has, every
+--eval-every steps: stage 2's CIDEr and, on the embedded data, each attribute's accuracy;
+stage 1's R@1 and shared-attribute accuracy, both ways. For stage 1 it also marks the test
+split's figures before and after training (from metrics.json beside the log) as open circles
+in the same colours; a stage-1 log without validation rows (--no-validate, or older code) has
+only those. A resumed run appends to the log; the last row logged for a step is the one drawn.
 """
 
 import argparse
@@ -58,6 +59,19 @@ def validation_series(val):
     return series
 
 
+def stage1_test_points(jsonl, last_step):
+    """[(0, before), (steps, after)]: stage 1's test-split figures from the metrics.json
+    beside `jsonl`, or [] (stage 2's metrics.json holds no "before")."""
+    final = os.path.join(os.path.dirname(os.path.abspath(jsonl)), "metrics.json")
+    if not os.path.isfile(final):
+        return []
+    with open(final) as f:
+        done = json.load(f)
+    if "before" not in done or "after" not in done:
+        return []
+    return [(0, done["before"]), (done.get("steps", last_step), done["after"])]
+
+
 def plot_metrics(jsonl, png):
     """Draw `jsonl`'s curves into `png` (see the module docstring). Returns png."""
     import matplotlib
@@ -65,21 +79,14 @@ def plot_metrics(jsonl, png):
     import matplotlib.pyplot as plt
 
     train, val = read_log(jsonl)
-    two_points = False  # stage 1: before and after only, drawn without a line between them
     if not train:
         raise ValueError(f"{jsonl}: no training rows (a run logs one per step)")
-    final = os.path.join(os.path.dirname(os.path.abspath(jsonl)), "metrics.json")
-    if not val and os.path.isfile(final):  # stage 1: its retrieval before and after training
-        with open(final) as f:
-            done = json.load(f)
-        if "before" in done and "after" in done:
-            val = [(0, done["before"]), (done.get("steps", train[-1]["step"]), done["after"])]
-            two_points = True
     steps = [r["step"] for r in train]
     loss = [r["loss"] for r in train]
     mean = [sum(loss[max(0, i - RUNNING_MEAN + 1):i + 1]) / (i + 1 - max(0, i - RUNNING_MEAN + 1))
             for i in range(len(loss))]
     series = validation_series(val)
+    tests = validation_series(stage1_test_points(jsonl, steps[-1]))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     top.plot(steps, loss, color="0.75", lw=0.6, label="loss")
     top.plot(steps, mean, color="C0", lw=1.5, label=f"loss, mean of {RUNNING_MEAN} steps")
@@ -91,18 +98,27 @@ def plot_metrics(jsonl, png):
     lines = top.get_legend_handles_labels()[0] + lr.get_legend_handles_labels()[0]
     top.legend(lines, [l.get_label() for l in lines], loc="upper right", fontsize=8)
     top.set_title(os.path.basename(os.path.dirname(os.path.abspath(jsonl))) + ": " + os.path.basename(jsonl))
-    if series:
+    if series or tests:
+        validated = bool(series)
         cider = series.pop("CIDEr", None)
+        colour = {name: f"C{i}" for i, name in enumerate(dict.fromkeys([*series, *tests]))}
         for name, (s, v) in series.items():
-            bottom.plot(s, v, marker="o", ms=5 if two_points else 3, ls="none" if two_points else "-", label=name)
+            bottom.plot(s, v, color=colour[name], marker="o", ms=3, label=name)
+        for name, (s, v) in tests.items():  # open circles; labelled by name only where no line is
+            bottom.plot(s, v, color=colour[name], marker="o", ms=7, mfc="none", ls="none",
+                        label=None if name in series else name)
+        if series and tests:
+            bottom.plot([], [], color="0.4", marker="o", ms=7, mfc="none", ls="none",
+                        label="open: test split, before and after")
         bottom.set_ylim(-0.02, 1.02)
-        bottom.set_ylabel("test split, before and after training" if two_points else "validation accuracy")
+        bottom.set_ylabel("validation accuracy" if validated else "test split, before and after training")
         if cider:
             right = bottom.twinx()
             right.plot(*cider, color="k", marker="s", ms=3, lw=1.5, label="CIDEr")
             right.set_ylabel("CIDEr")
             right.legend(loc="lower center", fontsize=8)
-        bottom.legend(loc="lower right", fontsize=8)
+        if series or tests:  # a log of CIDEr alone (no attributes) has nothing more to name
+            bottom.legend(loc="lower right", fontsize=8)
     else:
         bottom.text(0.5, 0.5, "no validation rows in this log", ha="center", va="center", transform=bottom.transAxes)
     bottom.set_xlabel("step")

@@ -1,8 +1,10 @@
 """losses.py against references written out by hand, in one process and across two.
 
 One process: InfoNCE against a double loop in plain Python, MIL-NCE against NCE and against a
-loop over unpadded bags, the caption loss against the label-smoothed cross-entropy formula,
-and the temperature's start and cap.
+loop over unpadded bags, MIL-NCE with bags in time against a loop and against MIL-NCE, stage
+1's objective (train_align.Aligner) against these losses put together by hand, its frame<->chunk
+metrics on planted embeddings, the caption
+loss against the label-smoothed cross-entropy formula, and the temperature's start and cap.
 
 Two processes (a gloo group on 127.0.0.1, spawned here): each rank holds half of a fixed
 global batch, and what it computes is compared with one process holding all of it. The
@@ -20,6 +22,7 @@ the averaged gradient *equals* the full-batch gradient (no extra factor). The te
 used only locally, and mean_r dL_r/ds = dL/ds as well.
 """
 
+import contextlib
 import math
 import os
 import socket
@@ -32,6 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import losses
+import model as M
+import train_align
 
 D = 5
 SCALE = 1 / 0.07  # the initial temperature's multiplier
@@ -110,6 +115,127 @@ def test_mil_nce_on_padded_bags_equals_a_loop_over_unpadded_bags():
     got = losses.mil_nce_loss(anchors, bags, mask, SCALE).item()
     assert got == pytest.approx(expected, rel=1e-5)
     assert losses.mil_nce_loss(anchors, bags, None, SCALE).item() != pytest.approx(expected, rel=1e-3)
+
+
+def test_time_mil_nce_equals_a_loop_over_anchors_and_members():
+    """Each anchor's positives are its own clip's members at its time; every other member of
+    the batch, its own clip's at other times included, is a negative."""
+    g = torch.Generator().manual_seed(6)
+    B, N, M = 3, 2, 3
+    anchors, members = unit(B, N, D, generator=g), unit(B, M, D, generator=g)
+    positive = torch.tensor([[True, True, False], [False, False, True]])  # (N, M)
+
+    total = 0.0
+    for i in range(B):
+        for n in range(N):
+            score = lambda y: SCALE * dot(anchors[i, n].tolist(), y.tolist())
+            own = [score(members[i, m]) for m in range(M) if positive[n, m]]
+            every = [score(members[j, m]) for j in range(B) for m in range(M)]
+            total += log_sum_exp(every) - log_sum_exp(own)
+    expected = total / (B * N)
+
+    got = losses.time_mil_nce_loss(anchors, members, positive, SCALE).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_time_mil_nce_with_one_anchor_per_clip_and_every_member_positive_is_mil_nce():
+    g = torch.Generator().manual_seed(7)
+    anchors, bags = unit(5, D, generator=g), unit(5, 3, D, generator=g)
+    got = losses.time_mil_nce_loss(anchors[:, None], bags, torch.ones(1, 3, dtype=torch.bool), SCALE)  # (B, 1, D)
+    assert got.item() == pytest.approx(losses.mil_nce_loss(anchors, bags, None, SCALE).item(), rel=1e-6)
+
+
+def frames_and_chunks_at_their_times(shift):
+    """Hand-built embeddings of 4 clips, 6 frames and 3 chunks each (2 frames a chunk): frame
+    pair s of clip i and chunk (s + shift) % 3 are one direction, with a little noise: shift
+    0 puts each chunk on the frames of its own third, shift 1 on the next third's. Every clip
+    holds the same chunks either way, only their order in time differs."""
+    g = torch.Generator().manual_seed(8)
+    directions = unit(4, 3, D, generator=g)  # (clip, third, D)
+    frames = F.normalize(directions.repeat_interleave(2, dim=1) + 0.1 * torch.randn(4, 6, D, generator=g), dim=-1)
+    chunks = F.normalize(directions + 0.1 * torch.randn(4, 3, D, generator=g), dim=-1).roll(-shift, dims=1)
+    in_chunk = torch.arange(6)[None, :] // 2 == torch.arange(3)[:, None]  # (3, 6): the frames each chunk holds
+    return frames, chunks, in_chunk
+
+
+def test_time_mil_nce_is_lower_when_each_chunk_matches_its_own_thirds_frames():
+    """...and the clip bags cannot tell: each clip's bag holds the same chunks in any order."""
+    def both_losses(shift):
+        frames, chunks, in_chunk = frames_and_chunks_at_their_times(shift)
+        time = 0.5 * (losses.time_mil_nce_loss(chunks, frames, in_chunk, SCALE)
+                      + losses.time_mil_nce_loss(frames, chunks, in_chunk.t(), SCALE))
+        v = F.normalize(frames.mean(dim=1), dim=-1)
+        clip = losses.mil_nce_loss(v, chunks, None, SCALE)
+        return time.item(), clip.item()
+
+    (time_right, clip_right), (time_shifted, clip_shifted) = both_losses(0), both_losses(1)
+    assert time_right < 1.0 < 5.0 < time_shifted
+    assert clip_right == pytest.approx(clip_shifted, rel=1e-6)
+
+
+def test_frames_lie_in_the_thirds_of_the_clip_at_their_start():
+    assert train_align.frame_chunks(8, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert train_align.frame_chunks(8, 8).tolist() == list(range(8))  # a chunk per frame: its own
+
+
+@pytest.fixture(scope="module")
+def aligner_inputs():
+    """A tiny stage-1 model and a batch of 4 random clips."""
+    torch.manual_seed(0)
+    cfg = M.tiny_config()
+    g = torch.Generator().manual_seed(9)
+    video = torch.randn(4, 3, cfg.video.num_frames, *cfg.video.image_size, generator=g)
+    audio = torch.randn(4, 3, *cfg.audio.image_size, generator=g)
+    return train_align.Aligner(cfg), video, audio
+
+
+def test_stage1_default_objective_is_nce_plus_clip_bag_mil_nce(aligner_inputs):
+    """--mil-bags clip (the default): NCE + lambda/2 (MIL-NCE(a, frames) + MIL-NCE(v, T chunks))."""
+    aligner, video, audio = aligner_inputs
+    frames, v, a, hidden = aligner.embed(video, audio)
+    chunks, s = aligner.audio_chunks(hidden, frames.size(1)), aligner.temperature()
+    expected = losses.nce_loss(v, a, s) + 0.7 * 0.5 * (losses.mil_nce_loss(a, frames, None, s)
+                                                       + losses.mil_nce_loss(v, chunks, None, s))
+    assert torch.equal(aligner(video, audio, 0.7)[0], expected)
+
+
+def test_stage1_time_bags_put_three_chunks_against_the_frames_in_their_thirds(aligner_inputs):
+    aligner, video, audio = aligner_inputs
+    frames, v, a, hidden = aligner.embed(video, audio)
+    chunks, s = aligner.audio_chunks(hidden, 3), aligner.temperature()
+    in_chunk = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0, 1, 1]]).bool()
+    expected = losses.nce_loss(v, a, s) + 0.7 * 0.5 * (losses.time_mil_nce_loss(chunks, frames, in_chunk, s)
+                                                       + losses.time_mil_nce_loss(frames, chunks, in_chunk.t(), s))
+    assert torch.equal(aligner(video, audio, 0.7, "time")[0], expected)
+
+
+class PlantedTowers(nn.Module):
+    """What train_align.evaluate reads of a stage-1 model, planted: frame t of every clip lies
+    along direction frame_chunks(8, 3)[t] (its third), and chunk s of the three along direction
+    (s + shift) % 3, so shift 0 puts each chunk on its own third's frames, shift 1 on the next's."""
+
+    def __init__(self, shift):
+        super().__init__()
+        self.shift = shift
+
+    def embed(self, video, audio):
+        B = video.size(0)
+        frames = torch.eye(3)[train_align.frame_chunks(8, 3)].expand(B, 8, 3)  # (B, 8, 3)
+        v = a = F.normalize(torch.ones(B, 3), dim=-1)
+        return frames, v, a, torch.zeros(B)  # the "hidden states": only their batch size is read
+
+    def audio_chunks(self, hidden, num_chunks):
+        return torch.eye(3)[(torch.arange(num_chunks) + self.shift) % 3].expand(hidden.size(0), num_chunks, 3)
+
+
+@pytest.mark.parametrize("shift, accuracy", [(0, 1.0), (1, 0.0)])
+def test_stage1_frame_chunk_metrics_ask_for_the_chunk_at_the_frames_time(shift, accuracy):
+    clips = [{"id": str(i), "caption": "", "record": {"id": str(i)}, "path": "", "video": torch.zeros(3, 8, 2, 2),
+              "audio": torch.zeros(3, 2, 2)} for i in range(4)]
+    out = train_align.evaluate(PlantedTowers(shift), clips, torch.device("cpu"), contextlib.nullcontext(), 4)
+    assert out["frame->chunk acc (3 chunks)"] == accuracy and out["chunk->frame acc (3 chunks)"] == accuracy
+    assert out["frame->chunk chance (3 chunks)"] == pytest.approx(1 / 3)
+    assert out["chunk->frame chance (3 chunks)"] == pytest.approx((3 / 8 + 3 / 8 + 2 / 8) / 3)
 
 
 def caption_batch():
@@ -251,7 +377,10 @@ def global_batch():
     return {"a": unit(n, D, generator=g), "b": unit(n, D, generator=g),
             "bags": unit(n, K, D, generator=g), "mask": bag_mask([1, 4, 2, 3, 4, 2], K),
             "video": torch.randn(n, IN, generator=g), "audio": torch.randn(n, IN, generator=g),
-            "chunks": torch.randn(n, K, IN, generator=g)}
+            "chunks": torch.randn(n, K, IN, generator=g), "anchors": unit(n, 2, D, generator=g)}
+
+
+IN_TIME = torch.tensor([[True, True, False, False], [False, False, True, True]])  # (2 anchors, K members)
 
 
 def towers():
@@ -274,6 +403,11 @@ def measure(batch):
     mil = losses.mil_nce_loss(a, bags, batch["mask"], SCALE)
     mil.backward()
     out.update(mil=mil.detach(), mil_grad_anchors=a.grad, mil_grad_bags=bags.grad)
+
+    anchors, bags.grad = batch["anchors"].clone().requires_grad_(), None
+    time = losses.time_mil_nce_loss(anchors, bags, IN_TIME, SCALE)
+    time.backward()
+    out.update(time=time.detach(), time_grad_anchors=anchors.grad, time_grad_members=bags.grad)
 
     model = towers()
     v = F.normalize(model["video"](batch["video"]), dim=-1)
@@ -340,13 +474,14 @@ def one_process():
     return measure(global_batch())
 
 
-@pytest.mark.parametrize("name", ["nce", "mil"])
+@pytest.mark.parametrize("name", ["nce", "mil", "time"])
 def test_rank_losses_average_to_the_full_batch_loss(two_ranks, one_process, name):
     mean = sum(r[name] for r in two_ranks) / WORLD
     assert mean.item() == pytest.approx(one_process[name].item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("name", ["nce_grad_a", "nce_grad_b", "mil_grad_anchors", "mil_grad_bags"])
+@pytest.mark.parametrize("name", ["nce_grad_a", "nce_grad_b", "mil_grad_anchors", "mil_grad_bags",
+                                  "time_grad_anchors", "time_grad_members"])
 def test_each_rank_gets_world_times_the_full_batch_gradient_of_its_own_features(two_ranks, one_process, name):
     for rank, r in enumerate(two_ranks):
         expected = WORLD * one_process[name][rank * B:(rank + 1) * B]

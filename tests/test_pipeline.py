@@ -57,8 +57,15 @@ def clip_count(clips, *splits):
     return sum(len({r["id"] for r in json.load(open(os.path.join(clips, f"{s}.json")))}) for s in splits)
 
 
+def log_rows(path):
+    """A metrics.jsonl's rows, without the seconds a validation took."""
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(path)]
+
+
 def test_stage1_resume_is_exact(clips, tmp_path):
-    """4 steps straight give the same losses as 2 steps, a checkpoint, and 2 resumed steps."""
+    """4 steps straight give the same losses as 2 steps, a checkpoint, and 2 resumed steps,
+    and the resumed run's log goes on where the first stopped: the same rows, validations
+    included (one a step: a quarter of --max-steps)."""
     straight = train_align.main(common(clips, str(tmp_path / "a"), 4) + ["--eval-max", "4"])
     first = train_align.main(common(clips, str(tmp_path / "b"), 4) + ["--eval-max", "4", "--stop-at", "2"])
     assert not os.path.exists(tmp_path / "b" / "video.pth")  # a stopped run is not finished
@@ -67,6 +74,30 @@ def test_stage1_resume_is_exact(clips, tmp_path):
     assert len(straight) == 4 and len(first) == 2 and len(rest) == 2
     np.testing.assert_allclose(first + rest, straight, rtol=0, atol=1e-6)
     assert os.path.exists(tmp_path / "b" / "video.pth") and os.path.exists(tmp_path / "b" / "metrics.json")
+    resumed = log_rows(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in resumed if "val" in r] == [1, 2, 3, 4]
+    assert resumed == log_rows(tmp_path / "a" / "metrics.jsonl")
+
+
+def test_stage1_validation_leaves_the_training_untouched(clips, tmp_path):
+    """Validating on the val split at every step trains the same encoders, bit for bit, as
+    --no-validate, and logs R@1 and the shared-attribute accuracy both ways at each step. The
+    video tower's patch dropout draws from the global generator that evaluation's loader
+    draws its seed from, so a validation that moved it would show here."""
+    argv = lambda out: common(clips, str(tmp_path / out), 4) + ["--eval-max", "4", "--patch-dropout",
+                                                                 "--cache-dir", str(tmp_path / "cache")]
+    validated = train_align.main(argv("validated") + ["--eval-every", "1"])
+    plain = train_align.main(argv("plain") + ["--no-validate"])
+    assert validated == plain
+    for name in ("video.pth", "audio.pth"):
+        a, b = (T.load_checkpoint(str(tmp_path / out / name)) for out in ("validated", "plain"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    val = [r for r in log_rows(tmp_path / "validated" / "metrics.jsonl") if "val" in r]
+    assert [r["step"] for r in val] == [1, 2, 3, 4]
+    for way in ("video->audio", "audio->video"):
+        assert all(f"{way} R@1" in r["val"] and f"{way} shared-attribute acc" in r["val"] for r in val)
+    assert not [r for r in log_rows(tmp_path / "plain" / "metrics.jsonl") if "val" in r]
+    assert stored(tmp_path / "cache") == {"stores": 1, "clips": clip_count(clips, "train", "val", "test")}
 
 
 def test_stage1_trains_the_same_from_its_input_cache_as_from_the_files(clips, tmp_path):
@@ -77,7 +108,7 @@ def test_stage1_trains_the_same_from_its_input_cache_as_from_the_files(clips, tm
     cached = train_align.main(argv)
     decoded = train_align.main(common(clips, str(tmp_path / "b"), 3) + ["--eval-max", "4", "--no-cache-inputs"])
     np.testing.assert_allclose(cached, decoded, rtol=0, atol=2e-2)
-    assert stored(tmp_path / "cache") == {"stores": 1, "clips": clip_count(clips, "train", "test")}
+    assert stored(tmp_path / "cache") == {"stores": 1, "clips": clip_count(clips, "train", "val", "test")}
 
 
 def test_the_tiny_main_job_trains_stage1_first_and_reads_its_encoders(clips, tmp_path, monkeypatch, capsys):
