@@ -135,9 +135,8 @@ def draw(path, cfg: M.UniQ4CapConfig, explained, num_video, video=None, audio=No
     Every row shares one colour scale across both modalities, the word's largest patch
     attribution, so a faint modality is faint. video (3, T, H, W), audio (3, mel, L): the
     clip's model inputs (None where absent)."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
+    from plot import pyplot
+    plt = pyplot()
 
     v, a = cfg.video, cfg.audio
     T, (gh, gw), (gm, gt) = v.num_frames, v.grid, a.grid

@@ -72,12 +72,18 @@ def stage1_test_points(jsonl, last_step):
     return [(0, done["before"]), (done.get("steps", last_step), done["after"])]
 
 
+def pyplot():
+    """matplotlib's pyplot, drawing into files only (no display needed), imported on first
+    use: the project's pictures (these curves, explain.py's) are the only place it is needed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def plot_metrics(jsonl, png):
     """Draw `jsonl`'s curves into `png` (see the module docstring). Returns png."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     train, val = read_log(jsonl)
     if not train:
         raise ValueError(f"{jsonl}: no training rows (a run logs one per step)")
