@@ -536,9 +536,9 @@ def test_full_preset_defaults_to_the_papers_recipe_and_tiny_keeps_its_own(capsys
     assert M.full_config().frozen_patch_dropout and not M.tiny_config().frozen_patch_dropout
     tiny = train_caption.get_args([])
     assert (tiny.lr, tiny.warmup_lr, tiny.warmup_steps, tiny.min_lr, tiny.clip) == (1e-3, 1e-5, 50, 1e-4, 1.0)
-    assert tiny.modality_dropout == 0.3 and tiny.cache_features and not tiny.frozen_patch_dropout
+    assert tiny.modality_dropout == 0.15 and tiny.cache_features and not tiny.frozen_patch_dropout
     lines = T.describe_recipe(tiny, train_caption.RECIPE, tiny.recipe_given, tiny.recipe_reasons)
-    assert any("--modality-dropout 0.3" in l and "ignore the other" in l for l in lines)  # printed with its reason
+    assert any("--modality-dropout 0.15" in l and "lacks one" in l for l in lines)  # printed with its reason
     assert any("--frozen-patch-dropout off" in l and "one view" in l for l in lines)
     # true whatever the number of processes (torchrun included): the size is per process
     assert any(l.startswith("  --batch-size 32  (full: 16;") and "per process" in l and "one process" not in l
@@ -546,7 +546,7 @@ def test_full_preset_defaults_to_the_papers_recipe_and_tiny_keeps_its_own(capsys
     with pytest.raises(SystemExit):
         train_caption.get_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "(default: full 0.0002, tiny 0.001)" in help_text and "(default: full 0, tiny 0.3)" in help_text
+    assert "(default: full 0.0002, tiny 0.001)" in help_text and "(default: full 0, tiny 0.15)" in help_text
 
 
 def test_modality_dropout_hides_the_audio_and_the_video_equally_often_and_never_both(capsys):
