@@ -25,6 +25,10 @@ Rows:
                   cache loader at that batch with 2, 4, 8, 16 workers against the best step
   sample          sample.py on 256 embedded clips (tiny): batched, decoding in loader workers, vs
                   one clip at a time; and whether decoding or the model bounds it
+  isa             (when named) the tiny main job's two steps (stage 1 at batch 128, stage 2 from
+                  the cache at batch 32), each in a fresh process: as this CPU runs them, then with
+                  PyTorch, MKL and oneDNN held to AVX2 code paths: what the instruction set alone
+                  costs on an AVX2-only CPU (x86 only; elsewhere the variables change nothing)
   rank-gallery    text->clip ranking of a gallery with the retrieval heads, clip features stored:
                   ITC as one matrix product then ITM on each text's top k (retrieve.py) vs ITM
                   on every (text, clip) pair
@@ -40,6 +44,8 @@ import math
 import multiprocessing
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -53,6 +59,7 @@ import model as M
 from losses import caption_loss
 import retrieve
 import sample
+import train_align
 import training as T
 from training import autocast_context
 
@@ -313,6 +320,52 @@ def bench_train_steps(cfg, device, repeats, batches=(16, 32, 64, 128, 256), dtyp
     return out, qformer_step_flops(cfg, 1, 32, mem_len)
 
 
+# Environment variables that hold each library to AVX2 code paths on a CPU with AVX-512 or AMX:
+# ATen's own kernels (PyTorch's CPU capability dispatch), MKL's (the fp32 matmuls), oneDNN's
+# (the convolutions). They are read once, at load time: hence a fresh process for each setting.
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def tiny_step_times(repeats):
+    """Seconds per step of the tiny main job on this CPU, fp32, synthetic inputs: stage 1
+    (train_align's encoders, NCE + MIL-NCE, backward and AdamW at its batch of 128) and the
+    stage-2 step from cached features at its batch of 32 (bench_cached_step)."""
+    torch.manual_seed(0)
+    cfg = M.PRESETS["tiny"]()
+    aligner = train_align.Aligner(cfg)
+    optimizer = T.make_optimizer(aligner, 2e-3, 0.05)
+    video = torch.randn(128, 3, cfg.video.num_frames, *cfg.video.image_size)
+    audio = torch.randn(128, 3, *cfg.audio.image_size)
+
+    def align_step():
+        loss, _ = aligner(video, audio)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    stage1 = timeit(align_step, repeats, warmup=3)
+    _, stage2 = bench_cached_step(M.UniQ4Cap(cfg), torch.device("cpu"), torch.float32, 32, repeats)
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "stage1_s": stage1, "stage2_s": stage2}
+
+
+def bench_isa(repeats, rounds=3):
+    """tiny_step_times in fresh processes as this CPU runs them and held to AVX2, in turns
+    (native, AVX2, native, ...) so that drift in the machine's speed hits both alike; the
+    median over the rounds of each."""
+    runs = {"native": [], "avx2": []}
+    for _ in range(rounds):
+        for name, held in (("native", {}), ("avx2", AVX2_ONLY)):
+            env = {k: v for k, v in os.environ.items() if k not in AVX2_ONLY} | held
+            child = subprocess.run([sys.executable, os.path.abspath(__file__), "--tiny-steps", "--repeats", str(repeats)],
+                                   env=env, capture_output=True, text=True)
+            if child.returncode != 0:
+                raise RuntimeError(f"the {name} child failed:\n{child.stderr}")
+            runs[name].append(json.loads(child.stdout.strip().splitlines()[-1]))
+    return {name: {"capability": got[0]["capability"],
+                   **{k: statistics.median(g[k] for g in got) for k in ("stage1_s", "stage2_s")}}
+            for name, got in runs.items()}
+
+
 def bench_decode(repeats):
     """Our decoder (seeks to the 8 frames it needs) vs decoding every frame, 720p H.264."""
     out = {}
@@ -560,12 +613,16 @@ def main():
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
     p.add_argument("--batch", type=int, default=0, help="batch for the step rows (default: 2 on CPU, 16 on CUDA)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
-    p.add_argument("--only", default="", help="comma-separated rows: qformer-step,peer,train-step,compile,cached-step,cache-read,kv-cache,decode,memory,sample,rank-gallery "
-                                             "(compile runs by default on CUDA only)")
+    p.add_argument("--only", default="", help="comma-separated rows: qformer-step,peer,train-step,compile,cached-step,cache-read,kv-cache,decode,memory,sample,rank-gallery,isa "
+                                             "(compile runs by default on CUDA only, isa only when named)")
     p.add_argument("--out", default="out/bench.json", help="where the JSON goes")
     p.add_argument("--preset", default="full", choices=sorted(M.PRESETS),
                    help="model size (full: the paper's; tiny only checks that the rows run)")
+    p.add_argument("--tiny-steps", action="store_true", help=argparse.SUPPRESS)  # the isa row's child
     args = p.parse_args()
+    if args.tiny_steps:
+        print(json.dumps(tiny_step_times(args.repeats)))
+        return
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     batch = args.batch or (16 if device.type == "cuda" else 2)
@@ -704,6 +761,14 @@ def main():
                      f"from cached features, batch {mb}, {str(dtype).replace('torch.', '')}"))
         results["memory cached-step"] = {"kind": kind, "towers_built_bytes": peak[True],
                                          "towers_never_built_bytes": peak[False], "batch": mb}
+    if want("isa") and "isa" in only:
+        got = bench_isa(max(args.repeats, 10))
+        native, held = got["native"], got["avx2"]
+        for stage, what in (("stage1", "stage-1 step with AdamW, batch 128"),
+                            ("stage2", "stage-2 forward and backward from the cache, batch 32")):
+            row(f"isa tiny {stage}", "AVX2 code paths", held[f"{stage}_s"], f"this CPU's ({native['capability']})",
+                native[f"{stage}_s"], f"{what}, fp32; each in fresh processes, in turns (held: {held['capability']})")
+        results["isa"] = got
     if want("rank-gallery"):
         net.eval()
         every, top = bench_rank_gallery(net, device, args.repeats)
