@@ -642,7 +642,9 @@ def main():
     # every row reads the whole memory, as a --cache-features run does: the paper's frozen
     # patch dropout (half the video patches in training) would make the rows compare unlike steps
     cfg.frozen_patch_dropout = False
-    net = M.UniQ4Cap(cfg).to(device)
+    # the rows that time the model at --preset (isa builds its own tiny ones in child processes)
+    uses_net = ["qformer-step", "peer", "compile", "cached-step", "kv-cache", "rank-gallery"]
+    net = M.UniQ4Cap(cfg).to(device) if any(want(r) for r in uses_net) else None
     dtypes = [torch.float32, torch.bfloat16]
     if want("qformer-step"):
         for dtype in dtypes:
