@@ -60,6 +60,7 @@ from losses import caption_loss
 import retrieve
 import sample
 import train_align
+import train_caption
 import training as T
 from training import autocast_context
 
@@ -328,24 +329,22 @@ AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "
 
 def tiny_step_times(repeats):
     """Seconds per step of the tiny main job on this CPU, fp32, synthetic inputs: stage 1
-    (train_align's encoders, NCE + MIL-NCE, backward and AdamW at its batch of 128) and the
-    stage-2 step from cached features at its batch of 32 (bench_cached_step)."""
+    (train_align's encoders and defaults: NCE + MIL-NCE through training.train_step, clipping
+    and AdamW included) and the stage-2 step from cached features at the tiny recipe's batch
+    (bench_cached_step: forward and backward)."""
     torch.manual_seed(0)
     cfg = M.PRESETS["tiny"]()
+    args = train_align.get_args([])
     aligner = train_align.Aligner(cfg)
-    optimizer = T.make_optimizer(aligner, 2e-3, 0.05)
-    video = torch.randn(128, 3, cfg.video.num_frames, *cfg.video.image_size)
-    audio = torch.randn(128, 3, *cfg.audio.image_size)
-
-    def align_step():
-        loss, _ = aligner(video, audio)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    stage1 = timeit(align_step, repeats, warmup=3)
-    _, stage2 = bench_cached_step(M.UniQ4Cap(cfg), torch.device("cpu"), torch.float32, 32, repeats)
-    return {"capability": torch.backends.cpu.get_cpu_capability(), "stage1_s": stage1, "stage2_s": stage2}
+    optimizer = T.make_optimizer(aligner, args.lr, args.weight_decay)
+    video = torch.randn(args.batch_size, 3, cfg.video.num_frames, *cfg.video.image_size)
+    audio = torch.randn(args.batch_size, 3, *cfg.audio.image_size)
+    loss_fn = lambda _: aligner(video, audio, args.mil_weight, args.mil_bags)
+    stage1 = timeit(lambda: T.train_step(optimizer, [None], loss_fn, args.clip), repeats, warmup=3)
+    batch = train_caption.RECIPE["batch_size"]["tiny"]
+    _, stage2 = bench_cached_step(M.UniQ4Cap(cfg), torch.device("cpu"), torch.float32, batch, repeats)
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "stage1_s": stage1, "stage2_s": stage2,
+            "stage1_batch": args.batch_size, "stage2_batch": batch}
 
 
 def bench_isa(repeats, rounds=3):
@@ -361,8 +360,7 @@ def bench_isa(repeats, rounds=3):
             if child.returncode != 0:
                 raise RuntimeError(f"the {name} child failed:\n{child.stderr}")
             runs[name].append(json.loads(child.stdout.strip().splitlines()[-1]))
-    return {name: {"capability": got[0]["capability"],
-                   **{k: statistics.median(g[k] for g in got) for k in ("stage1_s", "stage2_s")}}
+    return {name: {**got[0], **{k: statistics.median(g[k] for g in got) for k in ("stage1_s", "stage2_s")}}
             for name, got in runs.items()}
 
 
@@ -763,13 +761,14 @@ def main():
                      f"from cached features, batch {mb}, {str(dtype).replace('torch.', '')}"))
         results["memory cached-step"] = {"kind": kind, "towers_built_bytes": peak[True],
                                          "towers_never_built_bytes": peak[False], "batch": mb}
-    if want("isa") and "isa" in only:
+    if "isa" in only:  # only when named
         got = bench_isa(max(args.repeats, 10))
         native, held = got["native"], got["avx2"]
-        for stage, what in (("stage1", "stage-1 step with AdamW, batch 128"),
-                            ("stage2", "stage-2 forward and backward from the cache, batch 32")):
+        for stage, what in (("stage1", "stage-1 step with clipping and AdamW"),
+                            ("stage2", "stage-2 forward and backward from the cache")):
             row(f"isa tiny {stage}", "AVX2 code paths", held[f"{stage}_s"], f"this CPU's ({native['capability']})",
-                native[f"{stage}_s"], f"{what}, fp32; each in fresh processes, in turns (held: {held['capability']})")
+                native[f"{stage}_s"], f"{what}, batch {native[stage + '_batch']}, fp32; each in fresh processes, "
+                f"in turns (held: {held['capability']})")
         results["isa"] = got
     if want("rank-gallery"):
         net.eval()
