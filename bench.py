@@ -51,7 +51,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 import cache
 import data
@@ -254,7 +253,7 @@ def bench_cache_read(cfg, batch, clips=64, workers=2):
                     os.fsync(fd)
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                     os.close(fd)
-            loader = torch.utils.data.DataLoader(fc, batch_size=batch, num_workers=workers, collate_fn=data.collate)
+            loader = data.loader(fc, batch_size=batch, num_workers=workers)
             t = time.perf_counter()
             n = sum(1 for _ in loader)
             return (time.perf_counter() - t) / n
@@ -591,8 +590,7 @@ def bench_sample(device, repeats, clips=256, batch=16, workers=2, tokens=14):
                 pass
 
         def loader():
-            return DataLoader(sample.VideoFiles(files, media), batch_size=batch, num_workers=workers,
-                              collate_fn=data.collate)
+            return data.loader(sample.VideoFiles(files, media), batch_size=batch, num_workers=workers)
 
         decoded = list(loader())
 

@@ -210,8 +210,8 @@ class FeatureCache(torch.utils.data.Dataset):
         self._maps = {}  # shard -> {modality: memmap}, opened lazily, once per process
 
     def __getstate__(self):
-        # a loader worker started by spawn (macOS, Windows) maps the files itself instead of
-        # receiving a pickled copy of every array
+        # a loader worker (started by data.worker_context, so it receives this object pickled)
+        # maps the files itself instead of receiving a pickled copy of every array
         return {**self.__dict__, "_maps": {}}
 
     def media_path(self, k):
@@ -265,9 +265,8 @@ class FeatureCache(torch.utils.data.Dataset):
         if net is not None:
             net.eval()
         chunks = [list(range(k, min(k + batch_size, len(mine)))) for k in range(0, len(mine), batch_size)]
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=[[self.first_record[mine[j]] for j in c] for c in chunks],
-            num_workers=num_workers, collate_fn=data.collate)
+        loader = data.loader(self.dataset, batch_sampler=[[self.first_record[mine[j]] for j in c] for c in chunks],
+                             num_workers=num_workers)
         writer = ShardWriter(self.dir, self.shapes, len(mine), rank) if mine else None
         bar = T.progress(len(mine), desc)
         # the loader draws its worker seeds from the global generator: fork it, so that a run

@@ -179,8 +179,7 @@ def tower_outputs(net, dataset, args, ctx):
     """The frozen towers' outputs of every readable clip, computed once and held in memory
     (fp16) for fine-tuning to read every epoch: ({"video_tokens", "audio_tokens", "video_mask",
     "audio_mask"}: (N, ...) tensors or None, records)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=data.collate,
-                                         num_workers=T.loader_workers(args, False, args.device))
+    loader = data.loader(dataset, batch_size=args.batch_size, num_workers=T.loader_workers(args, False, args.device))
     parts, records = [], []
     for batch in T.progress(loader, "tower outputs"):
         for path, reason in batch["skipped"]:

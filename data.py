@@ -24,7 +24,7 @@ import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
-from multiprocessing import get_context
+import multiprocessing
 
 import av
 from av.video.reformatter import VideoReformatter
@@ -119,8 +119,9 @@ def _rgb(frame):
     building a context is most of what converting a small frame costs (8 frames of 64x64:
     2.9 ms with a reformatter per file, 0.19 ms with this one, and 1.2 ms *a frame* with
     frame.to_ndarray(format="rgb24"), which builds one per call), for the same pixels. One
-    thread: a context with a thread pool, inherited by a forked loader worker, hangs there
-    (the pool's threads do not come along)."""
+    thread: decoding already runs in one loader worker per core, and a context with a thread
+    pool of its own would hang any process forked from this one after it ran (the pool's
+    threads do not come along; see worker_context)."""
     return _RGB.reformat(frame, format="rgb24", threads=1).to_ndarray()
 
 
@@ -732,6 +733,32 @@ def collate(batch):
     return out
 
 
+
+def worker_context():
+    """How every worker process of the project starts (loader workers, the generator's pool):
+    forked from a fork server, never from the calling process. A process forked after threads
+    have run in it (torch's intra-op pool, FFmpeg's, tqdm's monitor; any test session, any
+    caller that used torch first) inherits every lock as it stood at the fork, and a lock held
+    by a thread that did not come along is never released: the child hangs. The fork server is
+    a fresh interpreter that imports this module (and so torch) once and runs no threads; each
+    worker is a fork of it, so a worker starts in milliseconds, not in the seconds an import
+    of torch takes under spawn. Spawn where a platform has no fork server (Windows)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    # "__main__": a dataset class defined in the script that runs (sample.VideoFiles under
+    # `python sample.py`) pickles as __main__.X, which the workers must be able to import
+    ctx.set_forkserver_preload(["__main__", "data"])
+    return ctx
+
+
+def loader(dataset, num_workers=0, collate_fn=collate, **kwargs):
+    """torch's DataLoader, its workers started by worker_context(). Every loader of the project
+    is made here; **kwargs are DataLoader's (batch_size, sampler, batch_sampler, ...)."""
+    return torch.utils.data.DataLoader(dataset, num_workers=num_workers, collate_fn=collate_fn,
+                                       multiprocessing_context=worker_context() if num_workers else None,
+                                       **kwargs)
+
 class SkipTracker:
     """Counts what the loader skipped: names each file once, with its reason, in one stderr
     line per batch (at most NAMED_PER_LINE files, then a count: a data set whose files are all
@@ -998,7 +1025,7 @@ def make_embedded_dataset(root, splits=None, seed=0, workers=2, progress=True):
         for _ in range(count):
             jobs.append((root, f"{split}_{index:05d}", seed, index))
             index += 1
-    with get_context("fork").Pool(workers) as pool:
+    with worker_context().Pool(workers) as pool:
         records = list(tqdm(pool.imap(_make_one, jobs, chunksize=16), total=len(jobs),
                             desc="generating embedded clips", disable=not progress))
     start = 0

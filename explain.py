@@ -279,8 +279,7 @@ def main(argv=None):
         print("error: these annotations carry no attribute labels (the embedded dataset's do)", file=sys.stderr)
         return 2
     n = len(dataset) if not args.max_clips else min(args.max_clips, len(dataset))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=16,
-                                         collate_fn=data.collate, num_workers=2)
+    loader = data.loader(torch.utils.data.Subset(dataset, range(n)), batch_size=16, num_workers=2)
     shares = {name: [] for name in data.ATTRIBUTES}
     with torch.no_grad():
         for batch in T.progress(loader, desc=f"attributing the {args.split} captions"):

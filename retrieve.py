@@ -53,8 +53,7 @@ def gallery(net, dataset, device, ctx, batch_size, cached, num_workers=0, desc=N
     -> memory -> the query pass. Returns (clip features (N, Q, E), pooled query outputs (N, C),
     both float32 on the CPU; the dataset index of each; the collated "records" of each; the
     unreadable ones' (path, reason)). desc: a progress bar's label (None: no bar)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=_collate_saying_which)
+    loader = data.loader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_saying_which)
     feats, pooled, items, records, skipped = [], [], [], [], []
     for b, (batch, readable) in enumerate(T.progress(loader, desc) if desc else loader):
         start = b * batch_size

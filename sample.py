@@ -189,9 +189,8 @@ def caption_batches(net, tokenizer, files, args, pictures=None):
     --explain), each clip's first caption is also drawn with explain.py, and a picture that
     cannot be written makes the fourth item its reason (the captions still come)."""
     workers = args.num_workers if len(files) > 1 else 0
-    loader = torch.utils.data.DataLoader(VideoFiles(files, data.MediaConfig.from_model(net.cfg), args.seed),
-                                         batch_size=args.batch_size, num_workers=workers,
-                                         collate_fn=data.collate, pin_memory=args.device.type == "cuda")
+    loader = data.loader(VideoFiles(files, data.MediaConfig.from_model(net.cfg), args.seed),
+                         batch_size=args.batch_size, num_workers=workers, pin_memory=args.device.type == "cuda")
     # On a CPU the decoding workers and the model's threads share the cores: the model gets
     # the threads the workers leave, else each slows the other (2 cores, 2 workers, 256
     # embedded clips at the tiny preset: 10.8 ms a clip with 2 model threads, 6.1 with 1)

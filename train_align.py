@@ -205,8 +205,7 @@ def evaluate(aligner, dataset, device, ctx, batch_size, limit=0):
     was_training = aligner.training
     aligner.eval()
     n = len(dataset) if not limit else min(limit, len(dataset))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size,
-                                         collate_fn=data.collate)
+    loader = data.loader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size)
     vs, as_, same_time, frame_hits, chunk_hits, records = [], [], [], [], [], []
     for batch in loader:
         keep = batch["audio_mask"]  # retrieval needs both modalities

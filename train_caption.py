@@ -352,8 +352,8 @@ def evaluate(net, dataset, references, tokenizer, device, ctx, args, limit=0, me
     was_training = net.training
     net.eval()
     n = len(dataset) if not limit else min(limit, len(dataset))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=args.batch_size,
-                                         collate_fn=data.collate, num_workers=args.num_workers)
+    loader = data.loader(torch.utils.data.Subset(dataset, range(n)), batch_size=args.batch_size,
+                         num_workers=args.num_workers)
     preds, records, skipped = {}, [], 0
     # sampling and the loader's worker seeds draw from the global generators: evaluate on a
     # fork of them, seeded, so an evaluation neither moves training's random stream nor

@@ -664,11 +664,9 @@ def make_loader(dataset, batch_size, sampler, num_workers, collate_fn):
     seed from it, never from the global generator that dropout uses, so a run resumed mid-epoch
     (a new iterator where the straight run kept its old one) draws the same dropout masks.
     The datasets' own randomness comes from per-item generators, not from the workers' seeds."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                       num_workers=num_workers, collate_fn=collate_fn,
-                                       worker_init_fn=_worker_init if num_workers else None,
-                                       generator=torch.Generator().manual_seed(0),
-                                       drop_last=False, persistent_workers=False)
+    return data.loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                       collate_fn=collate_fn, worker_init_fn=_worker_init if num_workers else None,
+                       generator=torch.Generator().manual_seed(0), drop_last=False, persistent_workers=False)
 
 
 def batches_forever(dataset, loader_fn, sampler, state, tracker=None):

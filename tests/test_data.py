@@ -841,26 +841,71 @@ def test_an_older_copy_of_the_embedded_set_is_rebuilt_not_mixed(tmp_path, monkey
     assert open(os.path.join(root, "train.json")).read() == made
 
 
-@pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(), reason="needs fork")
-def test_forked_loader_workers_decode_after_the_parent_has(tmp_path):
-    """The parent decodes first (one file given to sample.py, a cache build, a test), then
-    forked loader workers decode: nothing they inherit may hang them (a frame converter with
-    a thread pool did). In a child process with a time limit, so a hang fails the test."""
+AFTER_THREADS = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import torch
+from tqdm import tqdm
+import data
+
+FORKS = []  # every os.fork() of this process (spawn and the fork server's own forks are not)
+
+
+def read(batch):  # a collate function of the script that runs: the workers import it
+    return data.read_video_frames(batch[0], 8)
+
+
+if __name__ == "__main__":
+    os.register_at_fork(before=lambda: FORKS.append(1))
+    # threads, as a test session or a caller has run them before: torch's intra-op pool,
+    # FFmpeg's decoder threads, tqdm's monitor
+    torch.set_num_threads(2)
+    torch.randn(256, 256) @ torch.randn(256, 256)
+    data.read_video_frames({clip!r}, 8)
+    for _ in tqdm(range(3), mininterval=0, disable=False):
+        pass
+{work}
+    print("forks", len(FORKS))
+"""
+
+
+def run_after_threads(tmp_path, work):
+    """Run `work` (script lines) in a fresh interpreter that has first run threads, under a time
+    limit that fails the test instead of hanging it; returns what it printed."""
     import subprocess
     import sys
-    data.write_test_clip(str(tmp_path / "a.mp4"), seconds=1, width=64, height=64)
-    script = f"""
-import sys, torch
-sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
-import data
-path = {str(tmp_path / "a.mp4")!r}
-data.read_video_frames(path, 8)
-loader = torch.utils.data.DataLoader([path] * 4, batch_size=1, num_workers=2, multiprocessing_context="fork",
-                                     collate_fn=lambda b: data.read_video_frames(b[0], 8))
-print(sum(len(x) for x in loader))
-"""
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "32", done.stderr
+    clip = str(tmp_path / "a.mp4")
+    data.write_test_clip(clip, seconds=1, width=64, height=64)
+    script = tmp_path / "after_threads.py"
+    script.write_text(AFTER_THREADS.format(repo=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                           clip=clip, work=work))
+    try:
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("hung: a worker process inherited a lock held by a thread of its parent")
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_generator_forks_nothing_after_threads_have_run(tmp_path):
+    """A test session, or any caller that used torch or decoded a clip, has threads running
+    when it generates the embedded dataset: the generator's pool must not be a fork of it (a
+    forked child inherits held locks and can hang forever in its first import)."""
+    out = run_after_threads(tmp_path, f"""
+    root = {str(tmp_path / "clips")!r}
+    data.make_embedded_dataset(root, splits={{"train": 4, "val": 2}}, seed=3, workers=2, progress=True)
+    print("clips", sum(f.endswith(".mp4") for f in os.listdir(root)))""")
+    assert "clips 6" in out and "forks 0" in out, out
+
+
+def test_loader_workers_decode_after_the_parent_has_and_fork_nothing(tmp_path):
+    """The parent decodes first (one file given to sample.py, a cache build, a test), then
+    loader workers decode, with a collate function of the running script: none of them is a
+    fork of the parent, and they return every frame."""
+    out = run_after_threads(tmp_path, f"""
+    loader = data.loader([{str(tmp_path / "a.mp4")!r}] * 4, batch_size=1, num_workers=2, collate_fn=read)
+    print("frames", sum(len(x) for x in loader))""")
+    assert "frames 32" in out and "forks 0" in out, out
 
 
 # --- captions -> token ids
