@@ -590,7 +590,7 @@ def bench_sample(device, repeats, clips=256, batch=16, workers=2, tokens=14):
                 pass
 
         def loader():
-            return data.loader(sample.VideoFiles(files, media), batch_size=batch, num_workers=workers)
+            return data.loader(data.VideoFiles(files, media), batch_size=batch, num_workers=workers)
 
         decoded = list(loader())
 

@@ -35,7 +35,6 @@ import torch.nn.functional as F
 import data
 import model as M
 import retrieve
-import sample
 import training as T
 
 TEMPLATES = ["{}", "a video of {}.", "the sound of {}."]
@@ -62,7 +61,7 @@ def get_args(argv=None):
                         "heads) as initialised and never trained")
     p.add_argument("--out", default=None, help="the results as JSON (default: printed)")
     p.add_argument("--batch-size", type=int, default=32, help="clips encoded together")
-    sample.add_checkpoint_args(p)
+    T.add_checkpoint_args(p)
     T.add_data_args(p)
     args = p.parse_args(argv)
     if not (args.zero_shot or args.probe or args.finetune):
@@ -264,7 +263,7 @@ def main(argv=None):
     args.device = T.setup_device(args.device)
     ctx = torch.autocast(args.device.type, enabled=False)
     data_dir, anns = T.resolve_data_paths(args)
-    net, tokenizer = sample.load_captioner(args)
+    net, tokenizer = T.load_captioner(args)
     if args.random_qformer:
         net = untrained_reader(net)
     media = data.MediaConfig.from_model(net.cfg)

@@ -13,7 +13,9 @@ the embedded audio-visual dataset.
   4. the authors' annotation format (several captions per clip allowed; converters from
      MSR-VTT and VATEX), a dataset of (clip, caption) pairs for training or of clips with all
      their references for evaluation that reports unreadable files instead of crashing or
-     recursing, a collate function with modality masks, a skip tracker;
+     recursing, a collate function with modality masks, a skip tracker; the video files of a
+     folder (probed, whatever their extension) as a dataset of clips to caption or rank; the
+     DataLoader every loader of the project is, its workers started from a fork server;
   5. a generator of synthetic clips whose captions need both the frames and the sound.
 """
 
@@ -746,8 +748,8 @@ def worker_context():
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    # "__main__": a dataset class defined in the script that runs (sample.VideoFiles under
-    # `python sample.py`) pickles as __main__.X, which the workers must be able to import
+    # "__main__": a dataset class or collate function defined in the script that runs
+    # pickles as __main__.X, which the workers must be able to import
     ctx.set_forkserver_preload(["__main__", "data"])
     return ctx
 
@@ -758,6 +760,60 @@ def loader(dataset, num_workers=0, collate_fn=collate, **kwargs):
     return torch.utils.data.DataLoader(dataset, num_workers=num_workers, collate_fn=collate_fn,
                                        multiprocessing_context=worker_context() if num_workers else None,
                                        **kwargs)
+
+
+def video_stream_problem(path):
+    """None when PyAV opens `path` as a video (not_a_video: a video stream, and no
+    still picture), else why not."""
+    try:
+        container = open_media(path)
+    except MediaError as e:
+        return e.reason
+    with container:
+        return not_a_video(container)
+
+
+def list_videos(paths):
+    """-> (files to caption, [(path, why) of folder entries that are not videos]). Named
+    files are all tried (their errors are reported when captioned); a folder's files are
+    probed, whatever their extension, and a video's sidecar `<stem>.wav` is left out."""
+    files, not_videos = [], []
+    for p in paths:
+        if not os.path.isdir(p):
+            files.append(p)
+            continue
+        entries = sorted(os.path.join(p, f) for f in os.listdir(p))
+        entries = [f for f in entries if os.path.isfile(f)]
+        sidecars = {audio_source(f) for f in entries if audio_source(f) != f}
+        for f in entries:
+            if f in sidecars:
+                continue  # the soundtrack of another file in this folder
+            why = video_stream_problem(f)
+            if why:
+                not_videos.append((f, why))
+            else:
+                files.append(f)
+    return files, not_videos
+
+
+class VideoFiles(torch.utils.data.Dataset):
+    """The files to caption, decoded and preprocessed as evaluation does (decode_clip),
+    one item per file in collate's format; an unreadable file becomes an item carrying
+    its error, which the collate function sets aside."""
+
+    def __init__(self, files, media, seed=0):
+        self.files, self.media, self.seed = files, media, seed
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        path = self.files[i]
+        try:  # draws only for the original's random evaluation transforms (MediaConfig), if on
+            item = decode_clip(path, self.media, generator=item_generator(self.seed, 0, i))
+        except MediaError as e:
+            return {"id": i, "error": (e.path, e.reason)}
+        return {"id": i, "path": path, "caption": None, "record": None, **item}
 
 class SkipTracker:
     """Counts what the loader skipped: names each file once, with its reason, in one stderr

@@ -33,6 +33,7 @@ matplotlib is imported only where a picture is drawn.
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -40,6 +41,7 @@ import torch
 
 import data
 import model as M
+import training as T
 
 # -----------------------------------------------------------------------------
 # Attribution
@@ -243,10 +245,8 @@ def untrained_like(net, seed):
 
 
 def get_args(argv=None):
-    import sample  # its checkpoint flags and loader
-    import training as T
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sample.add_checkpoint_args(p)
+    T.add_checkpoint_args(p)
     T.add_data_args(p)
     p.add_argument("--split", default="test", choices=["val", "test"], help="embedded split to measure")
     p.add_argument("--max-clips", type=int, default=0, help="the first N clips of the split (0: all)")
@@ -260,14 +260,10 @@ def get_args(argv=None):
 def main(argv=None):
     """Per attribute of the embedded dataset, the mean video share (and its spread over the
     clips) of the caption word that names it, teacher-forced on each clip's reference caption."""
-    import json
-
-    import sample
-    import training as T
     args = get_args(argv)
     args.device = T.setup_device(args.device, 0)
     try:
-        net, tokenizer = sample.load_captioner(args)
+        net, tokenizer = T.load_captioner(args)
         data_dir, anns = T.resolve_data_paths(args)
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -34,7 +34,6 @@ import torch
 import cache
 import data
 import metrics
-import sample
 import training as T
 
 EVAL_TEXT_LEN = 35  # LAVIS cuts retrieval text to 35 tokens in evaluation (32 in training)
@@ -205,7 +204,7 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="JSON Lines (default: stdout); with --ann, the metrics as JSON")
     p.add_argument("--batch-size", type=int, default=16, help="clips encoded together")
     p.add_argument("--num-workers", type=int, default=2, help="decoding processes")
-    sample.add_checkpoint_args(p)  # --ckpt: one trained with --itc-weight / --itm-weight, or the authors'
+    T.add_checkpoint_args(p)  # --ckpt: one trained with --itc-weight / --itm-weight, or the authors'
     args = p.parse_args(argv)
     if sum(x is not None for x in (args.text, args.captions, args.ann)) != 1:
         p.error("give one of --text (rank the videos), --captions (rank captions for each video) or --ann (evaluate)")
@@ -231,7 +230,7 @@ def stored_features(net, files, args, ctx):
     todo = [f for f in files if store["clips"].get(key[f], {}).get("file") != list(cache.clip_identity(f))]
     skipped = []
     if todo:
-        dataset = sample.VideoFiles(todo, data.MediaConfig.from_model(net.cfg))
+        dataset = data.VideoFiles(todo, data.MediaConfig.from_model(net.cfg))
         feats, _, items, _, skipped = gallery(net, dataset, args.device, ctx, args.batch_size, False,
                                            args.num_workers if len(todo) > 1 else 0, desc="clip features")
         for name, reason in skipped:
@@ -267,7 +266,7 @@ def main(argv=None):
             texts = [line.strip() for line in f if line.strip()]
         if not texts:
             raise data.DataError(f"{args.captions}: no captions in it")
-    net, tokenizer = sample.load_captioner(args)
+    net, tokenizer = T.load_captioner(args)
     if args.ann is not None:
         data_dir = args.data_dir or os.path.dirname(os.path.abspath(args.ann))
         field, _ = data.caption_field_for(args.ann, args.caption_field)
@@ -278,7 +277,7 @@ def main(argv=None):
         if args.out is not None:
             T.write_json(args.out, out)
         return 0
-    files, not_videos = sample.list_videos(args.video)
+    files, not_videos = data.list_videos(args.video)
     for path, why in not_videos:
         print(f"skipped, not readable as a video: {path}: {why}", file=sys.stderr)
     feats, rows, failed = stored_features(net, files, args, ctx)
@@ -288,7 +287,7 @@ def main(argv=None):
     sim = itc_similarity(text_features(net, tokenizer, texts, args.device, ctx), feats)  # (T, N)
     t2c, c2t = sim, sim.t()
     if args.rerank_k > 0:
-        read = memory_reader(net, sample.VideoFiles(videos, data.MediaConfig.from_model(net.cfg)), args.device, ctx,
+        read = memory_reader(net, data.VideoFiles(videos, data.MediaConfig.from_model(net.cfg)), args.device, ctx,
                              False)
         t2c, c2t = rerank(net, sim, texts, read, tokenizer, args.device, ctx, args.rerank_k)
     with (open(args.out, "w") if args.out else contextlib.nullcontext(sys.stdout)) as out:

@@ -49,27 +49,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-import model as M
-import pretrained as P
+import explain
 import training as T
-
-
-def add_checkpoint_args(p):
-    """The flags load_captioner reads (sample.py, retrieve.py and classify.py take them)."""
-    p.add_argument("--ckpt", default="out/caption/best.pth", help="stage-2 checkpoint")
-    p.add_argument("--preset", default=None, choices=sorted(M.PRESETS),
-                   help="model size, for checkpoints that carry no config (the authors')")
-    p.add_argument("--video-encoder", default=None, help="video encoder file (overrides the checkpoint's)")
-    p.add_argument("--audio-encoder", default=None, help="audio encoder file (overrides the checkpoint's)")
-    p.add_argument("--bert", default=None, help="bert-base-cased's vocabulary, for the authors' checkpoints: a folder with vocab.txt "
-                        "or a repo id (google-bert/bert-base-cased, or the legacy bert-base-cased)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--video", nargs="+", required=True, help="video files or folders")
-    add_checkpoint_args(p)
+    T.add_checkpoint_args(p)
     T.add_decoding_args(p)
     p.add_argument("--num-captions", type=int, default=1,
                    help="captions per video (with --decode beam at most --num-beams; greedy gives one)")
@@ -90,98 +77,6 @@ def get_args(argv=None):
     return args
 
 
-def encoder_path(name, ckpt):
-    """An encoder file as a checkpoint names it: a bare file name is one that lay beside the
-    checkpoint when it was written (train_caption.model_state), so it is looked up beside the
-    checkpoint wherever that is now; anything else (a path, a public name) is used as it is."""
-    beside = os.path.join(os.path.dirname(os.path.abspath(ckpt)), name)
-    return beside if os.path.basename(name) == name and os.path.isfile(beside) else name
-
-
-def load_captioner(args):
-    """Rebuild the model a checkpoint describes. Ours (train_caption.py's best.pth) carry
-    config, tokenizer and encoder names; the authors' checkpoint_N.pth has a "config" too,
-    but that is their run configuration, so the tokenizer, which only ours hold, tells the
-    two apart. The authors' need --preset, --bert and the encoder flags."""
-    ckpt = P.read_state_dict(args.ckpt)
-    model_sd = P.stage2_model(ckpt, args.ckpt)
-    if "tokenizer" in ckpt:
-        cfg = M.config_from_dict(ckpt["config"])
-        tokenizer = data.Tokenizer.from_string(ckpt["tokenizer"])
-        encoders = {k: encoder_path(v, args.ckpt) for k, v in (ckpt.get("encoders") or {}).items()}
-    else:
-        if not (args.preset and args.bert):
-            raise P.CheckpointError(f"{args.ckpt} carries no tokenizer, as the authors' checkpoint_N.pth: give "
-                                    f"--preset and --bert (and their encoders: --video-encoder, --audio-encoder)")
-        tokenizer = data.Tokenizer.from_bert(args.bert)
-        cfg = tokenizer.configure(M.PRESETS[args.preset]())
-        encoders = {}
-    encoders["video"] = args.video_encoder or encoders.get("video")
-    encoders["audio"] = args.audio_encoder or encoders.get("audio")
-    missing = [k for k, v in encoders.items() if not v]
-    if missing:
-        raise P.CheckpointError(f"no weights for the {' and '.join(missing)} encoder{'s' * (len(missing) > 1)}: "
-                                f"give {' and '.join(f'--{k}-encoder' for k in missing)}")
-    net = M.UniQ4Cap(cfg)
-    P.load_pretrained(net, video=encoders["video"], audio=encoders["audio"])
-    P.map_stage2(net, model_sd, args.ckpt)  # the file is already read: map it directly
-    return net.eval().to(args.device), tokenizer
-
-
-def video_stream_problem(path):
-    """None when PyAV opens `path` as a video (data.not_a_video: a video stream, and no
-    still picture), else why not."""
-    try:
-        container = data.open_media(path)
-    except data.MediaError as e:
-        return e.reason
-    with container:
-        return data.not_a_video(container)
-
-
-def list_videos(paths):
-    """-> (files to caption, [(path, why) of folder entries that are not videos]). Named
-    files are all tried (their errors are reported when captioned); a folder's files are
-    probed, whatever their extension, and a video's sidecar `<stem>.wav` is left out."""
-    files, not_videos = [], []
-    for p in paths:
-        if not os.path.isdir(p):
-            files.append(p)
-            continue
-        entries = sorted(os.path.join(p, f) for f in os.listdir(p))
-        entries = [f for f in entries if os.path.isfile(f)]
-        sidecars = {data.audio_source(f) for f in entries if data.audio_source(f) != f}
-        for f in entries:
-            if f in sidecars:
-                continue  # the soundtrack of another file in this folder
-            why = video_stream_problem(f)
-            if why:
-                not_videos.append((f, why))
-            else:
-                files.append(f)
-    return files, not_videos
-
-
-class VideoFiles(torch.utils.data.Dataset):
-    """The files to caption, decoded and preprocessed as evaluation does (data.decode_clip),
-    one item per file in data.collate's format; an unreadable file becomes an item carrying
-    its error, which the collate function sets aside."""
-
-    def __init__(self, files, media, seed=0):
-        self.files, self.media, self.seed = files, media, seed
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        path = self.files[i]
-        try:  # draws only for the original's random evaluation transforms (MediaConfig), if on
-            item = data.decode_clip(path, self.media, generator=data.item_generator(self.seed, 0, i))
-        except data.MediaError as e:
-            return {"id": i, "error": (e.path, e.reason)}
-        return {"id": i, "path": path, "caption": None, "record": None, **item}
-
-
 def caption_batches(net, tokenizer, files, args, pictures=None):
     """Yield (path, captions, has_audio, None) for each readable file, a batch at a time, and
     (path, None, None, reason) for each unreadable one: decoding runs in --num-workers
@@ -189,7 +84,7 @@ def caption_batches(net, tokenizer, files, args, pictures=None):
     --explain), each clip's first caption is also drawn with explain.py, and a picture that
     cannot be written makes the fourth item its reason (the captions still come)."""
     workers = args.num_workers if len(files) > 1 else 0
-    loader = data.loader(VideoFiles(files, data.MediaConfig.from_model(net.cfg), args.seed),
+    loader = data.loader(data.VideoFiles(files, data.MediaConfig.from_model(net.cfg), args.seed),
                          batch_size=args.batch_size, num_workers=workers, pin_memory=args.device.type == "cuda")
     # On a CPU the decoding workers and the model's threads share the cores: the model gets
     # the threads the workers leave, else each slows the other (2 cores, 2 workers, 256
@@ -224,7 +119,6 @@ def caption_batches(net, tokenizer, files, args, pictures=None):
 def draw_explanation(net, tokenizer, ids, batch, b, tokens, inputs, png):
     """Clip b's caption `ids` attributed to its frames and sound and drawn to `png`
     (explain.py); None, or why the picture could not be written."""
-    import explain
     one = {k: None if v is None else v[b:b + 1] for k, v in {**tokens, **inputs}.items()}  # this clip alone
     explained, num_video = explain.explain_clip(net, tokenizer, ids, **one)
     has_audio = batch["audio"] is not None and bool(batch["audio_mask"][b])
@@ -321,7 +215,7 @@ def caption_files(args, ddp, rank, local_rank, world):
     if ddp and args.out is None:
         say("error: under torchrun, give --out: the ranks write one JSON Lines file together")
         return 2
-    files, not_videos = list_videos(args.video)  # every rank lists the same files, sorted
+    files, not_videos = data.list_videos(args.video)  # every rank lists the same files, sorted
     for path, why in not_videos:
         say(f"skipped, not readable as a video: {path}: {why}")
     if not files:
@@ -329,7 +223,6 @@ def caption_files(args, ddp, rank, local_rank, world):
         return 2
     pictures = None
     if args.explain is not None:
-        import explain
         try:
             explain.check_folder(args.explain)
             error = None
@@ -340,9 +233,9 @@ def caption_files(args, ddp, rank, local_rank, world):
             return 2
         pictures = explain.picture_names(files, args.explain)  # over every file: the same names on a rerun
     try:
-        net, tokenizer = load_captioner(args)
+        net, tokenizer = T.load_captioner(args)
         error = None
-    except (FileNotFoundError, KeyError, ValueError) as e:  # P.CheckpointError is both; one line, no traceback
+    except (FileNotFoundError, KeyError, ValueError) as e:  # pretrained.CheckpointError is both; one line, no traceback
         error = f"error: cannot load the model: {e}"
     if not all_ranks_ok(error is None, ddp):
         say(error or "error: another rank could not load the model")

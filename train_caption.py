@@ -56,7 +56,6 @@ import metrics
 import model as M
 import pretrained as P
 import retrieve
-import sample
 import train_align
 import training as T
 
@@ -390,7 +389,7 @@ def model_state(net, tokenizer, encoders, folder):
     """What sample.py needs to rebuild the captioner, in the authors' layout ("model":
     everything but the frozen encoders) plus our config, tokenizer and encoder files. An
     encoder file inside the checkpoint's own `folder` is stored by its name alone and found
-    beside the checkpoint (sample.encoder_path), so an output folder can be moved or read from
+    beside the checkpoint (training.encoder_path), so an output folder can be moved or read from
     anywhere; other local files are stored as absolute paths, public names as they are."""
     def portable(name):
         if not os.path.exists(name):
@@ -421,7 +420,7 @@ def check_init_encoders(path, ckpt, sources):
     particular frozen encoders: refuse to go on from it with others (same bytes, wherever they
     lie, are the same)."""
     for name, theirs in (ckpt.get("encoders") or {}).items():
-        theirs, ours = sample.encoder_path(theirs, path), sources.get(name)
+        theirs, ours = T.encoder_path(theirs, path), sources.get(name)
         same = ours == theirs or (ours and os.path.isfile(ours) and os.path.isfile(theirs)
                                   and filecmp.cmp(ours, theirs, shallow=False))
         if not same:

@@ -7,7 +7,8 @@ NCCL on GPU), seeds, the handle a script trains through (compiled, DDP-wrapped),
 parameter groups and the paper's warm-up + cosine learning rate (LAVIS's
 `linear_warmup_cosine_lr`), one optimisation step with gradient accumulation and clipping, the training loop, atomic
 checkpoints and the resumable training state (model, optimizer, step, data position, every
-rank's RNG states) that resumes exactly, the training stream (unreadable clips counted and
+rank's RNG states) that resumes exactly, the captioner a stage-2 checkpoint describes
+(load_captioner and its flags, which every command that reads one shares), the training stream (unreadable clips counted and
 skipped), the JSONL metrics log and rank-0 progress bars.
 
 How both training scripts string them together (the order matters: a resumed run sets the
@@ -55,6 +56,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
+import model as M
 import pretrained
 
 # -----------------------------------------------------------------------------
@@ -512,6 +514,60 @@ def resume_training(ckpt, source, load_weights, optimizer):
     print0(f"resumed from {source} at step {ckpt['step']}")
     extras = {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
     return ckpt["step"], dict(ckpt["data"]), extras
+
+
+# -----------------------------------------------------------------------------
+# The captioner a stage-2 checkpoint describes (what sample.py and the other commands load)
+
+
+def add_checkpoint_args(p):
+    """The flags load_captioner reads (sample.py, retrieve.py, classify.py and explain.py take them)."""
+    p.add_argument("--ckpt", default="out/caption/best.pth", help="stage-2 checkpoint")
+    p.add_argument("--preset", default=None, choices=sorted(M.PRESETS),
+                   help="model size, for checkpoints that carry no config (the authors')")
+    p.add_argument("--video-encoder", default=None, help="video encoder file (overrides the checkpoint's)")
+    p.add_argument("--audio-encoder", default=None, help="audio encoder file (overrides the checkpoint's)")
+    p.add_argument("--bert", default=None, help="bert-base-cased's vocabulary, for the authors' checkpoints: a folder with vocab.txt "
+                        "or a repo id (google-bert/bert-base-cased, or the legacy bert-base-cased)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+
+
+def encoder_path(name, ckpt):
+    """An encoder file as a checkpoint names it: a bare file name is one that lay beside the
+    checkpoint when it was written (train_caption.model_state), so it is looked up beside the
+    checkpoint wherever that is now; anything else (a path, a public name) is used as it is."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(ckpt)), name)
+    return beside if os.path.basename(name) == name and os.path.isfile(beside) else name
+
+
+def load_captioner(args):
+    """Rebuild the model a checkpoint describes. Ours (train_caption.py's best.pth) carry
+    config, tokenizer and encoder names; the authors' checkpoint_N.pth has a "config" too,
+    but that is their run configuration, so the tokenizer, which only ours hold, tells the
+    two apart. The authors' need --preset, --bert and the encoder flags."""
+    ckpt = pretrained.read_state_dict(args.ckpt)
+    model_sd = pretrained.stage2_model(ckpt, args.ckpt)
+    if "tokenizer" in ckpt:
+        cfg = M.config_from_dict(ckpt["config"])
+        tokenizer = data.Tokenizer.from_string(ckpt["tokenizer"])
+        encoders = {k: encoder_path(v, args.ckpt) for k, v in (ckpt.get("encoders") or {}).items()}
+    else:
+        if not (args.preset and args.bert):
+            raise pretrained.CheckpointError(f"{args.ckpt} carries no tokenizer, as the authors' checkpoint_N.pth: "
+                                             f"give --preset and --bert (and their encoders: --video-encoder, --audio-encoder)")
+        tokenizer = data.Tokenizer.from_bert(args.bert)
+        cfg = tokenizer.configure(M.PRESETS[args.preset]())
+        encoders = {}
+    encoders["video"] = args.video_encoder or encoders.get("video")
+    encoders["audio"] = args.audio_encoder or encoders.get("audio")
+    missing = [k for k, v in encoders.items() if not v]
+    if missing:
+        raise pretrained.CheckpointError(f"no weights for the {' and '.join(missing)} encoder"
+                                         f"{'s' * (len(missing) > 1)}: give {' and '.join(f'--{k}-encoder' for k in missing)}")
+    net = M.UniQ4Cap(cfg)
+    pretrained.load_pretrained(net, video=encoders["video"], audio=encoders["audio"])
+    pretrained.map_stage2(net, model_sd, args.ckpt)  # the file is already read: map it directly
+    return net.eval().to(args.device), tokenizer
 
 
 # -----------------------------------------------------------------------------

@@ -434,10 +434,10 @@ def test_sample_names_every_flag_an_authors_checkpoint_needs(hub, tmp_path):
     argv = ["--video", "clip.mp4", "--ckpt", str(tmp_path / "checkpoint_9.pth")]
     with pytest.raises(P.CheckpointError, match=r"carries no tokenizer, as the authors' checkpoint_N.pth: give "
                                                 r"--preset and --bert \(and their encoders: --video-encoder"):
-        sample.load_captioner(sample.get_args(argv))
+        T.load_captioner(sample.get_args(argv))
     argv += ["--preset", "tiny", "--bert", "google-bert/bert-base-cased"]
     with pytest.raises(P.CheckpointError) as e:
-        sample.load_captioner(sample.get_args(argv))
+        T.load_captioner(sample.get_args(argv))
     assert str(e.value) == "no weights for the video and audio encoders: give --video-encoder and --audio-encoder"
 
 
