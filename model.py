@@ -608,9 +608,8 @@ class UniQ4Cap(nn.Module):
         self.encoder_seed = int(torch.randint(2 ** 62, (), device="cpu"))  # the towers' own seed: build_encoders
         self.register_module("video_encoder", None)  # VisionTransformer(cfg.video), by build_encoders
         self.register_module("audio_encoder", None)  # VisionTransformer(cfg.audio)
-        self.ln_video = LayerNormFp32(cfg.video.width)
-        self.ln_audio = LayerNormFp32(cfg.audio.width)
-        self.video_project = nn.Linear(cfg.video.width, q.encoder_width)
+        self.ln_video, self.ln_audio = LayerNormFp32(cfg.video.width), LayerNormFp32(cfg.audio.width)
+        self.video_project = nn.Linear(cfg.video.width, q.encoder_width)  # each tower's width -> the memory's
         self.audio_project = nn.Linear(cfg.audio.width, q.encoder_width)
         self.Qformer = QFormer(q)
         self.query_tokens = nn.Parameter(torch.zeros(1, q.num_query_tokens, q.hidden))

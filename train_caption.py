@@ -504,6 +504,17 @@ def towers_or_cache(net, sets, args, encoders, given, device, dtype, ctx, ddp, r
     return cached
 
 
+def datasets(anns, data_dir, cfg, args):
+    """{"train": (clip, caption) pairs, augmented unless read from the feature cache; "val",
+    "test": each clip once with all its references}, decoded as the model's config says."""
+    media = data.MediaConfig.from_model(cfg)
+    sets = {"train": data.AVCaptionDataset(anns["train"], data_dir, media, args.caption_field, seed=args.seed,
+                                           train=not args.cache_features, modalities=args.modalities)}
+    sets.update({split: data.AVCaptionDataset(anns[split], data_dir, media, args.caption_field,
+                                              modalities=args.modalities, by_clip=True) for split in ("val", "test")})
+    return sets
+
+
 def main(argv=None):
     args = get_args(argv)
     metrics_note = metrics.check_caption_metrics()  # a missing dependency stops the run now, not at evaluation
@@ -528,11 +539,7 @@ def main(argv=None):
     T.print0(f"recipe (--preset {args.preset}; full is the paper's):\n"
              + "\n".join(T.describe_recipe(args, RECIPE, args.recipe_given, args.recipe_reasons)))
     T.print0(f"caption field: '{args.caption_field}' ({why})\n{metrics_note}")
-    media = data.MediaConfig.from_model(cfg)
-    sets = {"train": data.AVCaptionDataset(anns["train"], data_dir, media, args.caption_field, seed=args.seed,
-                                           train=not args.cache_features, modalities=args.modalities)}
-    sets.update({split: data.AVCaptionDataset(anns[split], data_dir, media, args.caption_field,
-                                              modalities=args.modalities, by_clip=True) for split in ("val", "test")})
+    sets = datasets(anns, data_dir, cfg, args)
     references = {split: sets[split].references for split in ("val", "test")}
     # model: the Q-Former side from BERT / BLIP-2, then the frozen towers or their cached outputs
     encoders = encoder_files(args, cfg)
