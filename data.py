@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 from tqdm import tqdm
-from tokenizers import AddedToken, BertWordPieceTokenizer
+from tokenizers import AddedToken, BertWordPieceTokenizer, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import BPE
 from tokenizers.pre_tokenizers import BertPreTokenizer
 
-from pretrained import bert_folder
+from pretrained import bert_folder, tokenizer_folder
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -502,6 +503,48 @@ class Tokenizer:
         return self.tok.decode([i for i in ids if i not in (self.pad_id, self.bos_id)])
 
 
+
+class ClipTokenizer:
+    """CLIP's byte-level BPE, the tokenizer of LanguageBind's text tower, built through
+    `tokenizers` from the `vocab.json` and `merges.txt` its repos hold, by the rules of CLIP's
+    own tokenizer (transformers' `CLIPTokenizer`): the text NFC-normalised, its whitespace
+    collapsed, lower-cased; split into letter runs, single digits, punctuation runs and the
+    contractions 's 't 're 've 'm 'll 'd; each piece byte-encoded and merged by rank, a word's
+    last piece ending in `</w>`. A text encodes as <|startoftext|> pieces <|endoftext|>, at most
+    77 tokens, padded with <|endoftext|>: the text tower pools at the first one."""
+
+    SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+    def __init__(self, vocab, merges):
+        self.tok = HFTokenizer(BPE(vocab, merges, end_of_word_suffix="</w>", unk_token="<|endoftext|>",
+                                   fuse_unk=False))
+        self.tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                                    normalizers.Lowercase()])
+        self.tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(self.SPLIT), behavior="removed", invert=True),  # keep the matches
+            pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        self.tok.decoder = decoders.ByteLevel()
+        self.bos_id, self.eos_id = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+        self.vocab_size = len(vocab)
+
+    @classmethod
+    def from_folder(cls, name):
+        """vocab.json and merges.txt from a folder (or the folder of a weights file), or from a
+        Hugging Face repo id such as `LanguageBind/LanguageBind_Video_FT`."""
+        folder = tokenizer_folder(name, ["vocab.json", "merges.txt"])
+        vocab, merges = BPE.read_file(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+        return cls(vocab, merges)
+
+    def encode(self, texts, max_len=77):
+        """list of str -> ids (B, L), padded to the longest with <|endoftext|>."""
+        rows = [[self.bos_id] + e.ids[:max_len - 2] + [self.eos_id]
+                for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+        ids = torch.full((len(rows), max(len(r) for r in rows)), self.eos_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+        return ids
+
+
 # -----------------------------------------------------------------------------
 # 4. Datasets
 
@@ -874,7 +917,7 @@ class SkipTracker:
 # clip's own soundtrack among 300. The patterns are few on purpose: a batch of 128 holds
 # about two clips of each, so from the first steps the contrastive loss must also tell them
 # apart by the shape and the motion (with 238 patterns the towers learnt the flashes first
-# and the shared attributes late; README). The tiny preset samples one frame per slot, and
+# and the shared attributes late; docs/embedded-data.md). The tiny preset samples one frame per slot, and
 # its audio window (208 fbank frames) holds the whole 2 s clip (203 frames as decoded), so the
 # three-chunk rule takes the whole clip three times and no slot is cut or shifted.
 

@@ -2,7 +2,8 @@
   1. Configs and presets: a dataclass per component; `full` = the paper, `tiny` = a 2-core CPU.
   2. Attention: one function, PyTorch's fused kernels or the plain softmax(QK^T)V reference.
   3. The CLIP ViT-L/14 towers in LanguageBind's flavour: the video tower with per-layer
-     temporal attention, and the audio tower on a 3-channel log-mel image.
+     temporal attention, and the audio tower on a 3-channel log-mel image; and CLIP's text
+     tower, the one LanguageBind bound them to.
   4. The Q-Former: BLIP-2's post-LN BERT with cross-attention, learned queries and its LM head.
   5. The captioner, `UniQ4Cap`: encode (the towers, or their cached tokens) -> memory =
      [video tokens ; audio tokens] -> the queries read the memory and the caption reads the
@@ -59,6 +60,23 @@ class VisionConfig:
     @property
     def tokens_per_frame(self):
         return self.num_patches + 1  # + class token
+
+
+@dataclass
+class TextConfig:
+    """CLIP's text transformer: LanguageBind's text tower (OpenCLIP ViT-L/14's, kept frozen
+    while each modality's tower was trained against it). Causal, pre-LN; a caption's embedding
+    is the final hidden state at its end-of-text token, projected."""
+    vocab_size: int = 49408  # CLIP's byte-level BPE
+    max_positions: int = 77
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    layer_norm_eps: float = 1e-5
+    embed_dim: int = 768  # text_projection output: the space the towers were bound in
+    eos_token_id: int = 49407  # <|endoftext|>, the pooled position
+    temporal: bool = False  # CLIPLayer's switch: text has no frames
 
 
 @dataclass
@@ -211,9 +229,9 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
         self.attn_impl = "auto"
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
         q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(merge_heads(attention(q, k, v, impl=self.attn_impl)))
+        return self.out_proj(merge_heads(attention(q, k, v, mask, impl=self.attn_impl)))
 
 
 class CLIPMLP(nn.Module):
@@ -227,9 +245,10 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPLayer(nn.Module):
-    """Pre-LN block. The video variant first mixes each spatial position across frames."""
+    """Pre-LN block. The video variant first mixes each spatial position across frames; the
+    text tower's passes a causal mask."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig | TextConfig):
         super().__init__()
         if cfg.temporal:
             self.temporal_embedding = nn.Parameter(torch.zeros(1, cfg.num_frames, cfg.width))
@@ -241,7 +260,7 @@ class CLIPLayer(nn.Module):
         self.mlp = CLIPMLP(cfg.width, cfg.mlp_dim)
         self.temporal = cfg.temporal
 
-    def forward(self, x, num_frames):
+    def forward(self, x, num_frames=1, mask=None):
         if self.temporal:
             N = x.size(1)
             # attention runs over the frames of each position: (B*T, N, D) -> (B*N, T, D)
@@ -250,7 +269,7 @@ class CLIPLayer(nn.Module):
             x = x + self.temporal_embedding[:, :num_frames]
             x = x + self.temporal_attn(self.temporal_layer_norm1(x))
             x = rearrange(x, "(b n) t d -> (b t) n d", n=N)  # (B*N, T, D) -> (B*T, N, D)
-        x = x + self.self_attn(self.layer_norm1(x))
+        x = x + self.self_attn(self.layer_norm1(x), mask)
         x = x + self.mlp(self.layer_norm2(x))
         return x
 
@@ -347,6 +366,45 @@ class VisionTransformer(nn.Module):
         idx = torch.cat([torch.zeros_like(idx[:, :1]), idx], dim=1)  # class token at 0
         idx = idx.repeat_interleave(T, dim=0)[:, :, None].expand(-1, -1, D)  # (B*T, 1+keep, D)
         return x.gather(1, idx)
+
+
+class TextTransformer(nn.Module):
+    """CLIP's text tower (transformers' `CLIPTextModelWithProjection`, as LanguageBind's files
+    hold it under `text_model.*` and `text_projection`). Token ids (B, L), each row
+    [start] tokens [end] [pad]..., -> (hidden (B, L, D), text_embeds (B, E)): the final
+    LayerNorm'd state at each row's first end-of-text token, through text_projection. Causal
+    attention lets no token see the padding after it, so no padding mask is needed."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = nn.ModuleDict({"token_embedding": nn.Embedding(cfg.vocab_size, cfg.width),
+                                         "position_embedding": nn.Embedding(cfg.max_positions, cfg.width)})
+        self.encoder = nn.ModuleDict({"layers": nn.ModuleList([CLIPLayer(cfg) for _ in range(cfg.layers)])})
+        self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.text_projection = nn.Linear(cfg.width, cfg.embed_dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """CLIP's text initialisation (OpenCLIP, transformers): embeddings at std 0.02, the rest
+        as VisionTransformer's (each linear at fan_in^-0.5), so a tiny tower can train from here."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for emb in self.embeddings.values():
+            nn.init.normal_(emb.weight, std=0.02)
+
+    def forward(self, ids):
+        B, L = ids.shape
+        x = self.embeddings["token_embedding"](ids) + self.embeddings["position_embedding"].weight[:L]  # (B, L, D)
+        causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()  # query i sees keys <= i
+        for layer in self.encoder.layers:
+            x = layer(x, mask=causal)
+        x = self.final_layer_norm(x)
+        eos = (ids == self.cfg.eos_token_id).int().argmax(dim=1)  # (B,): the first end-of-text token
+        return x, self.text_projection(x[torch.arange(B, device=ids.device), eos])
 
 
 # -----------------------------------------------------------------------------

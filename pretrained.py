@@ -13,7 +13,7 @@ The files and their layouts, each stated again where it is mapped:
   - LanguageBind's towers, `pytorch_model.bin` of the Hugging Face repos
     `LanguageBind/LanguageBind_Video_FT` and `LanguageBind_Audio_FT`: HF CLIP names under
     `vision_model.` (LanguageBind's `modeling_languagebind` adds `temporal_*` to each video
-    layer), plus the text tower, unused here;
+    layer), plus the text tower under `text_model.` (`map_text`), which classification reads;
   - the authors' pre-aligned encoders `video.pth` / `audio.pth` (UniQ4Cap's release): the same
     names without the prefix, the video patch embedding as a Conv3d with one class vector per
     frame (their `clip_type: "vl_new"`);
@@ -37,7 +37,7 @@ from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 from safetensors.torch import load_file
 
-from model import UniQ4Cap, VisionTransformer, init_bert_weights
+from model import TextTransformer, UniQ4Cap, VisionTransformer, init_bert_weights
 
 
 class CheckpointError(KeyError, ValueError):
@@ -162,7 +162,7 @@ def map_encoder(encoder: VisionTransformer, sd, source):
 def map_languagebind(encoder: VisionTransformer, sd, source="pytorch_model.bin"):
     """LanguageBind's HF checkpoint, `pytorch_model.bin` of `LanguageBind_Video_FT` or
     `LanguageBind_Audio_FT`: `vision_model.*` and `visual_projection.weight` are read; the text
-    tower (`text_model.*`, `text_projection.weight`, `logit_scale`) is not needed."""
+    tower (`text_model.*`, `text_projection.weight`, `logit_scale`) is map_text's."""
     vision = {}
     for k, t in sd.items():
         if k.startswith("vision_model."):
@@ -172,6 +172,36 @@ def map_languagebind(encoder: VisionTransformer, sd, source="pytorch_model.bin")
         elif not (k.startswith("text_model.") or k in ("text_projection.weight", "logit_scale")):
             raise CheckpointError(f"{source}: unexpected key '{k}'")
     return map_encoder(encoder, vision, source)
+
+
+def map_text(text: TextTransformer, sd, source="pytorch_model.bin"):
+    """LanguageBind's text tower, from the same `pytorch_model.bin` as its vision tower (every
+    LanguageBind file carries the frozen text tower it was trained against): transformers'
+    `CLIPTextModelWithProjection` names, `text_model.embeddings.{token,position}_embedding`,
+    `text_model.encoder.layers.N.*` (the vision layers' names), `text_model.final_layer_norm`
+    and `text_projection.weight`. The vision tower's keys are skipped. Returns `logit_scale`,
+    the log inverse temperature the towers were bound with (None if the file has none)."""
+    out, logit_scale = {}, None
+    for k, t in sd.items():
+        if k.startswith("text_model."):
+            out[k[len("text_model."):]] = t
+        elif k == "text_projection.weight":
+            out[k] = t
+        elif k == "logit_scale":
+            logit_scale = t
+        elif not (k.startswith("vision_model.") or k == "visual_projection.weight"):
+            raise CheckpointError(f"{source}: unexpected key '{k}'")
+    if not out:
+        raise CheckpointError(f"{source}: no text tower in this file (LanguageBind's files carry one under "
+                              f"'text_model.')")
+    assign(text, out, source)
+    return logit_scale
+
+
+def load_text(text: TextTransformer, name):
+    """LanguageBind's text tower from any of its files (`name` as for `weights_file`)."""
+    path = weights_file(name)
+    return map_text(text, read_state_dict(path), path)
 
 
 def load_encoder(encoder: VisionTransformer, name):
@@ -413,8 +443,8 @@ def weights_file(name):
     raise _not_found(name)
 
 
-def bert_folder(name):
-    """A folder holding BERT's vocab.txt (and tokenizer_config.json when there is one): the
+def tokenizer_folder(name, files, optional=()):
+    """A folder holding a tokenizer's `files` (and its `optional` ones when it has them): the
     folder itself, the folder of a weights file, or a Hugging Face repo id's snapshot in the
     HF cache (the tokenizer files only are fetched)."""
     if os.path.isdir(name):
@@ -423,14 +453,20 @@ def bert_folder(name):
         return os.path.dirname(os.path.abspath(name))
     if not _is_repo_id(name):
         raise _not_found(name)
-    vocab = _hf_file(name, ["vocab.txt"])
-    if vocab is None:
-        raise FileNotFoundError(f"{name}: the Hugging Face repo has no vocab.txt")
-    try:  # optional; fetched into the same snapshot folder as vocab.txt
-        _hf_file(name, ["tokenizer_config.json"])
-    except FileNotFoundError:  # neither cached nor reachable: from_bert says what it assumes
-        pass
-    return os.path.dirname(vocab)
+    paths = [_hf_file(name, [f]) for f in files]
+    if None in paths:
+        raise FileNotFoundError(f"{name}: the Hugging Face repo has no {files[paths.index(None)]}")
+    for f in optional:  # fetched into the same snapshot folder
+        try:
+            _hf_file(name, [f])
+        except FileNotFoundError:  # neither cached nor reachable: the tokenizer says what it assumes
+            pass
+    return os.path.dirname(paths[0])
+
+
+def bert_folder(name):
+    """BERT's vocab.txt, and its tokenizer_config.json when there is one."""
+    return tokenizer_folder(name, ["vocab.txt"], ["tokenizer_config.json"])
 
 
 def load_pretrained(model: UniQ4Cap, video=None, audio=None, bert=None, blip2=None,

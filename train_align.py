@@ -96,7 +96,7 @@ def get_args(argv=None):
     # batch 128: clips that share a flash pattern are what asks the towers to tell the shapes
     # and motions apart, and a batch of 32 holds few such pairs (on dataset version 2 the shape
     # stalled lower at batch 32); 1,000 steps: at 800 the top match's shape and motion were
-    # still rising (README's stage-1 results)
+    # still rising (docs/results.md, Stage 1)
     T.add_common_args(p, batch_size=128, lr=2e-3, min_lr=2e-4, warmup_lr=1e-5, warmup_steps=30,
                       max_steps=1000, weight_decay=0.05)
     return p.parse_args(argv)

@@ -78,19 +78,19 @@ RECIPE = {
     "frozen_patch_dropout": {"full": True, "tiny": False},
 }
 # why the tiny preset's defaults differ from the paper's (printed at start)
-TINY_SCHEDULE = "the tiny recipe: a few thousand steps, measured in the README's results"
+TINY_SCHEDULE = "the tiny recipe: a few thousand steps, measured in docs/results.md"
 TINY_REASONS = {
     "batch_size": "the tiny recipe, per process; the paper: 16 per GPU on 8 GPUs",
     "lr": TINY_SCHEDULE,
     "warmup_lr": TINY_SCHEDULE,
     "warmup_steps": TINY_SCHEDULE,
     "min_lr": TINY_SCHEDULE,
-    "clip": "the tiny recipe, measured in the README's results",
+    "clip": "the tiny recipe, measured in docs/results.md",
     "max_steps": "minutes on a CPU",
     "modality_dropout": "each modality in turn the only source, so one model also captions a clip that lacks one; "
-                        "at 0.3 the sound's own attribute was learnt late (README)",
+                        "at 0.3 the sound's own attribute was learnt late (docs/results.md)",
     "cache_features": "the frozen encoders run once per clip: about four times the steps in the same time",
-    "frozen_patch_dropout": "the tiny recipe, measured without it in the README's results",
+    "frozen_patch_dropout": "the tiny recipe, measured without it in docs/results.md",
 }
 GIVES_WAY = {"frozen_patch_dropout": "a feature cache holds one view of each clip, so no random patches",
              "cache_features": "--frozen-patch-dropout needs the encoders on every batch"}
@@ -146,7 +146,7 @@ def get_args(argv=None):
     p.add_argument("--init-from", default=None,
                    help="a stage-2 checkpoint (best.pth, or the authors' checkpoint_N.pth with --bert) whose weights "
                         "and vocabulary start this run instead of BERT's / BLIP-2's: how retrieval is trained on top "
-                        "of a captioner (README, Retrieval and classification)")
+                        "of a captioner (docs/retrieval.md)")
     p.add_argument("--rerank-k", type=int, default=16,
                    help="with retrieval trained, evaluation re-ranks each query's top k candidates by ITM")
     p.add_argument("--out-dir", default="out/caption", help="checkpoints and metrics")
@@ -257,7 +257,7 @@ def hide_modalities(batch, p, seed):
     for its background, which only the sound carries, and its gradient teaches the model to
     guess the background from the frames, against reading it from the sound (the colour,
     likewise, when the video is hidden). The more clips lose their audio, the later the
-    background is learnt: the README's results measure 0.3 against 0.15 (the tiny default),
+    background is learnt: docs/results.md measures 0.3 against 0.15 (the tiny default),
     and the video hidden half as often as the audio, where one seed never learnt it.
 
     Each clip's draw is a hash of (seed, epoch, clip id, caption), not a draw from a

@@ -55,18 +55,41 @@ def clip_vision(cfg, prefix, video_hf=True):
     return {prefix + k: v for k, v in s.items()}
 
 
-def languagebind(cfg, conv3d=False):
-    """`pytorch_model.bin` of LanguageBind_Video_FT / LanguageBind_Audio_FT (a few text-tower
-    keys stand for the whole text model), with HF CLIP's position_ids buffers. conv3d: the
-    video weights as saved after LanguageBind's expansion to 3-D (Conv3d patch weight and a
-    class vector per frame)."""
+def clip_text(text):
+    """The text tower's names in LanguageBind's files (transformers' `CLIPTextModelWithProjection`),
+    for a text config with width, layers, mlp_dim, vocab_size, max_positions and embed_dim."""
+    D = text.width
+    s = {"text_model.embeddings.token_embedding.weight": (text.vocab_size, D),
+         "text_model.embeddings.position_embedding.weight": (text.max_positions, D),
+         "text_model.embeddings.position_ids": (1, text.max_positions)}
+    for i in range(text.layers):
+        L = f"text_model.encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            s[L + f"self_attn.{proj}.weight"], s[L + f"self_attn.{proj}.bias"] = (D, D), (D,)
+        for ln in ("layer_norm1", "layer_norm2"):
+            s[L + f"{ln}.weight"] = s[L + f"{ln}.bias"] = (D,)
+        s[L + "mlp.fc1.weight"], s[L + "mlp.fc1.bias"] = (text.mlp_dim, D), (text.mlp_dim,)
+        s[L + "mlp.fc2.weight"], s[L + "mlp.fc2.bias"] = (D, text.mlp_dim), (D,)
+    s["text_model.final_layer_norm.weight"] = s["text_model.final_layer_norm.bias"] = (D,)
+    s["text_projection.weight"] = (text.embed_dim, D)
+    return s
+
+
+def languagebind(cfg, conv3d=False, text=None):
+    """`pytorch_model.bin` of LanguageBind_Video_FT / LanguageBind_Audio_FT, with HF CLIP's
+    position_ids buffers. text: the whole text tower at that config's shapes; without one, a
+    few text-tower keys stand for it. conv3d: the video weights as saved after LanguageBind's
+    expansion to 3-D (Conv3d patch weight and a class vector per frame)."""
     s = clip_vision(cfg, "vision_model.", video_hf=not conv3d)
     s["vision_model.embeddings.position_ids"] = (1, cfg.tokens_per_frame)
     s["visual_projection.weight"] = (cfg.embed_dim, cfg.width)
-    s["text_model.embeddings.position_ids"] = (1, 77)
-    s["text_model.embeddings.token_embedding.weight"] = (49408, 8)
-    s["text_model.final_layer_norm.weight"] = (8,)
-    s["text_projection.weight"] = (cfg.embed_dim, 8)
+    if text is not None:
+        s.update(clip_text(text))
+    else:
+        s["text_model.embeddings.position_ids"] = (1, 77)
+        s["text_model.embeddings.token_embedding.weight"] = (49408, 8)
+        s["text_model.final_layer_norm.weight"] = (8,)
+        s["text_projection.weight"] = (cfg.embed_dim, 8)
     s["logit_scale"] = ()
     return s
 
