@@ -6,8 +6,7 @@ Rows:
                   softmax(QK^T)V path, fp32 and bf16 (and on CUDA when present)
   peer            our Q-Former step vs transformers' (Blip2QFormerModel + BERT's LM head) on the
                   same weights and memory, its SDPA and eager attention, fp32 and bf16, after
-                  checking the outputs agree; only where transformers is installed (the project
-                  does not depend on it: `pip install transformers` to see the row)
+                  checking the outputs agree
   cached-step     stage-2 step from cached encoder features vs recomputing the frozen encoders
   kv-cache        greedy generation of 30 tokens with the KV cache vs without (same tokens)
   decode          8 frames + audio from 10 s and 60 s 720p H.264 clips: our decoder (seeking)
@@ -379,16 +378,13 @@ def bench_decode(repeats):
 def transformers_peer(net, attn_implementation):
     """transformers' BLIP-2 Q-Former (Blip2QFormerModel, with Blip2TextEmbeddings for the
     caption and BERT's BertLMPredictionHead) holding a copy of `net`'s Q-Former weights, on
-    net's device; None when transformers is not installed (the project does not need it).
+    net's device.
     Returns logits_of(memory, ids) -> (B, T, V): one joint pass over queries and caption, as
     transformers runs it, with a mask that lets the queries see only queries and each word
     every query and the words before it, the same function as our query pass + text pass."""
-    try:
-        from transformers import BertConfig, Blip2QFormerConfig, Blip2QFormerModel
-        from transformers.models.bert.modeling_bert import BertLMPredictionHead
-        from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
-    except ImportError:
-        return None
+    from transformers import BertConfig, Blip2QFormerConfig, Blip2QFormerModel
+    from transformers.models.bert.modeling_bert import BertLMPredictionHead
+    from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
     q = net.cfg.qformer
     cfg = Blip2QFormerConfig(vocab_size=q.vocab_size, hidden_size=q.hidden, num_hidden_layers=q.layers,
                              num_attention_heads=q.heads, intermediate_size=q.intermediate,
@@ -437,15 +433,13 @@ def bench_peer(net, device, dtype, batch, repeats):
     """Our Q-Former step (query pass, then the caption reading the queries' cached keys and
     values) vs transformers' on the same weights and the same memory (the projected encoder
     tokens at the paper's shapes, with a gradient, as training gives it), forward and backward
-    with the caption loss. The outputs are checked to agree first (fp32, no dropout). None
-    without transformers; else (max |logit difference|, {name: seconds})."""
+    with the caption loss. The outputs are checked to agree first (fp32, no dropout). Returns
+    (max |logit difference|, {name: seconds})."""
     cfg = net.cfg
     v, a, ids = paper_batch(cfg, batch, device)
     with torch.no_grad():
         memory = net.memory(v, a)[0].float()
     peers = {impl: transformers_peer(net, impl) for impl in ("sdpa", "eager")}
-    if peers["sdpa"] is None:
-        return None
 
     def ours(memory, ids):
         logits, _ = net.Qformer.decode_text(ids, net.Qformer.read_memory(net.query_tokens, memory))
@@ -660,11 +654,7 @@ def main():
     if want("peer"):
         for dtype in dtypes:
             name = str(dtype).replace("torch.", "")
-            got = bench_peer(net, device, dtype, batch, args.repeats)
-            if got is None:
-                rows.append(("peer", "-", "-", "-", "transformers is not installed: no peer row"))
-                break
-            diff, t = got
+            diff, t = bench_peer(net, device, dtype, batch, args.repeats)
             for impl in ("sdpa", "eager"):
                 row(f"peer {name} {impl}", f"transformers {impl}", t[impl], "ours", t["ours"],
                     f"Q-Former + LM head fwd+bwd from the memory, batch {batch}; outputs agree (fp32: max "

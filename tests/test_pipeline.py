@@ -22,6 +22,7 @@ import plot
 import pretrained as P
 import sample
 import train_align
+import train_bind
 import train_caption
 import training as T
 from tests.distributed import launch_local
@@ -60,6 +61,25 @@ def clip_count(clips, *splits):
 def log_rows(path):
     """A metrics.jsonl's rows, without the seconds a validation took."""
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(path)]
+
+
+def test_bound_towers_are_what_stage1_aligns_with_its_first_blocks_frozen(clips, tmp_path):
+    """train_bind.py writes the video, audio and text towers and their zero-shot accuracy;
+    train_align.py starts from the bound towers and, with --train last-k, trains only the last
+    block of each (and the projections): the first block leaves it as binding left it."""
+    bind = str(tmp_path / "bind")
+    train_bind.main(common(clips, bind, 2) + ["--cache-dir", str(tmp_path / "cache")])
+    scores = json.load(open(os.path.join(bind, "metrics.json")))["zero-shot"]
+    assert set(scores) == {"video colour", "video shape", "video motion", "audio shape", "audio background"}
+    align = str(tmp_path / "align")
+    train_align.main(common(clips, align, 2) + ["--eval-max", "4", "--cache-dir", str(tmp_path / "cache"),
+                                                "--video-init", os.path.join(bind, "video.pth"),
+                                                "--audio-init", os.path.join(bind, "audio.pth"),
+                                                "--train", "last-k", "--last-k", "1"])
+    for tower in ("video", "audio"):
+        bound, aligned = (torch.load(os.path.join(d, f"{tower}.pth")) for d in (bind, align))
+        assert all(torch.equal(bound[k], aligned[k]) for k in bound if k.startswith(("embeddings.", "encoder.layers.0.")))
+        assert not torch.equal(bound["encoder.layers.1.mlp.fc2.weight"], aligned["encoder.layers.1.mlp.fc2.weight"])
 
 
 def test_stage1_resume_is_exact(clips, tmp_path):

@@ -13,7 +13,7 @@ MODULES = sorted(f[:-3] for f in os.listdir(REPO) if f.endswith(".py"))
 # (retrieval's evaluation, attribution, curves) with a command of their own. Chaining one
 # command from another (train_caption.py runs train_align.main) is allowed, and bench.py times
 # the commands themselves.
-COMMANDS = {"sample", "classify", "train_align", "train_caption", "bench"}
+COMMANDS = {"sample", "classify", "train_bind", "train_align", "train_caption", "bench"}
 CHAINS = {("train_caption", "train_align"), ("bench", "sample"), ("bench", "train_align"), ("bench", "train_caption")}
 
 
