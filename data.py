@@ -10,6 +10,7 @@ the embedded audio-visual dataset.
      fields: no random flip and no random audio chunk at evaluation (the original draws both
      there too);
   3. captions -> token ids: BERT's WordPiece with the [DEC] start token, as BLIP-2 captions;
+     CLIP's byte-level BPE for LanguageBind's text tower;
   4. the authors' annotation format (several captions per clip allowed; converters from
      MSR-VTT and VATEX), a dataset of (clip, caption) pairs for training or of clips with all
      their references for evaluation that reports unreadable files instead of crashing or
