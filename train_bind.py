@@ -51,7 +51,10 @@ def get_args(argv=None):
     T.add_data_args(p)
     T.add_common_args(p, batch_size=128, lr=2e-3, min_lr=2e-4, warmup_lr=1e-5, warmup_steps=30,
                       max_steps=500, weight_decay=0.05)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.resume or args.stop_at:  # the towers are written only at the end, with no training state
+        p.error("train_bind.py keeps no resumable state: run it to the end (no --resume, no --stop-at)")
+    return args
 
 
 def text_config(tokenizer, cfg):
@@ -147,7 +150,7 @@ def main(argv=None):
     step, position, _ = T.resume_training(None, None, binder.load_state_dict, optimizer)
     T.print0(f"stage 0, binding the tiny towers to language: {sum(p.numel() for p in binder.parameters()) / 1e6:.2f}M "
              f"parameters, {len(sets['train'])} training clips, vocabulary {tokenizer.vocab_size}")
-    args.num_workers = 0
+    args.num_workers = T.loader_workers(args, True, device)  # it reads the input cache
     stream = T.training_batches(sets["train"], args, rank, world, position)
     stream = (b for b in stream if b["audio"] is not None and int(b["audio_mask"].sum()) >= 2)
 
